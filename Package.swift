@@ -1,0 +1,56 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// Modules depend one way: ABI -> engine -> frontends -> executables.
+let package = Package(
+    name: "blksnap-swift",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "BlksnapEngine", targets: ["BlksnapEngine"]),
+        .executable(name: "blksnapd", targets: ["blksnapd"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+    ],
+    targets: [
+        // The single copy of <blksnap/blk_snap.h> lives in include/ at the top;
+        // this target reaches it through a symlink so C tools and Swift share it.
+        .target(name: "CBlksnapABI"),
+        .target(name: "CBlksnapLinux"),
+        .target(
+            name: "BlksnapABI",
+            dependencies: [
+                "CBlksnapABI",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        .target(
+            name: "BlksnapEngine",
+            dependencies: [
+                "BlksnapABI",
+                "CBlksnapLinux",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        .executableTarget(
+            name: "blksnapd",
+            dependencies: [
+                "BlksnapEngine",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "blksnap-bench-engine",
+            dependencies: ["BlksnapEngine"],
+            path: "Sources/BenchEngine",
+            // A straight-line script: top-level globals without actor ceremony.
+            swiftSettings: [.swiftLanguageMode(.v5)]
+        ),
+        .testTarget(name: "BlksnapABITests", dependencies: ["BlksnapABI", "CBlksnapABI"]),
+        .testTarget(name: "BlksnapEngineTests", dependencies: ["BlksnapEngine", "BlksnapABI"]),
+    ]
+)

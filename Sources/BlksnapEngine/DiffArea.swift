@@ -1,0 +1,272 @@
+import BlksnapABI
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The copy-on-write state of one device in one taken snapshot (upstream
+/// `diff_area.c`): which chunks of the original have been copied to the
+/// difference storage, and where.
+///
+/// Invariants, per chunk:
+/// - an original write lands in a chunk only once the chunk is `storeReady`
+///   (or the snapshot is corrupted): `copyOnWrite` runs first;
+/// - an image read of a chunk that is not `storeReady` reads the original,
+///   counted in its stripe's `originalReaders`, and a copy waits for those
+///   reads before marking the chunk `storeReady`, so no image read ever sees
+///   a byte written after TAKE;
+/// - while a chunk is `loading`, its writers and image readers wait on the
+///   stripe's condition; other chunks go on in parallel.
+///
+/// The hot path takes one stripe mutex per chunk touched, allocates nothing
+/// (chunk buffers come from a pool) and never waits for an actor.
+public final class DiffArea: @unchecked Sendable {
+    public let devId: DevId
+    public let capacity: UInt64
+    public let chunkShift: Int
+    public let chunkCount: Int
+    let original: any BlockDevice
+    let storage: DiffStorage
+    private let states: UnsafeMutableBufferPointer<UInt8>
+    private let stripes: [ChunkStripe]
+    private let stripeMask: Int
+    private let corrupted = Atomic<Bool>(false)
+    private let onFailure: @Sendable (BlksnapError) -> Void
+    private let poolLock = Lock()
+    private var pool: [UnsafeMutableRawBufferPointer] = []
+    private let poolLimit: Int
+
+    /// `original` is the backing store beneath the engine: reads of it see
+    /// exactly what has landed, and nothing here writes to it.
+    init(devId: DevId, original: any BlockDevice, storage: DiffStorage, settings: EngineSettings,
+         onFailure: @escaping @Sendable (BlksnapError) -> Void) {
+        self.devId = devId
+        self.original = original
+        self.storage = storage
+        self.capacity = original.size
+        let minimumShift = max(settings.chunkMinimumShift, Int(log2(Double(max(original.alignment, 512)))))
+        let (shift, count) = EngineSettings.shift(
+            capacity: original.size, minimum: minimumShift, maximum: settings.chunkMaximumShift,
+            maximumCount: settings.chunkMaximumCount)
+        chunkShift = shift
+        chunkCount = Int(count)
+        states = .allocate(capacity: max(chunkCount, 1))
+        states.initialize(repeating: 0)
+        var n = 1
+        while n < min(chunkCount, 4096) { n <<= 1 }
+        stripes = (0..<n).map { _ in ChunkStripe() }
+        stripeMask = n - 1
+        poolLimit = max(settings.chunkMaximumInCache, 1)
+        self.onFailure = onFailure
+        pool.reserveCapacity(poolLimit)
+    }
+
+    deinit {
+        states.deallocate()
+        for b in pool { b.deallocate() }
+    }
+
+    public var chunkSize: Int { 1 << chunkShift }
+    public var isCorrupted: Bool { corrupted.load(ordering: .acquiring) }
+
+    /// Called by the snapshot when any of its devices failed: image I/O
+    /// fails from now on and original writes go on without copy-on-write.
+    func markCorrupted() {
+        corrupted.store(true, ordering: .releasing)
+        for s in stripes {
+            s.lock.withLock { s.condition.broadcast() }
+        }
+    }
+
+    private func takeBuffer() -> UnsafeMutableRawBufferPointer {
+        if let b = poolLock.withLock({ pool.popLast() }) { return b }
+        return .allocate(byteCount: chunkSize, alignment: 4096)
+    }
+
+    private func giveBack(_ b: UnsafeMutableRawBufferPointer) {
+        let kept = poolLock.withLock { () -> Bool in
+            guard pool.count < poolLimit else { return false }
+            pool.append(b)
+            return true
+        }
+        if !kept { b.deallocate() }
+    }
+
+    @inline(__always) private func stripe(_ chunk: Int) -> ChunkStripe { stripes[chunk & stripeMask] }
+
+    /// The byte length of a chunk: the last one may be short.
+    @inline(__always) private func length(of chunk: Int) -> Int {
+        let start = UInt64(chunk) << UInt64(chunkShift)
+        return Int(min(UInt64(chunkSize), capacity - start))
+    }
+
+    // MARK: original writes
+
+    /// Makes sure every chunk that `offset..<offset+length` touches has its
+    /// point-in-time copy stored; the caller holds the device's gate shared
+    /// and writes the original afterwards. A failure corrupts the snapshot
+    /// and lets the write go on: the original is never held hostage.
+    func copyOnWrite(offset: UInt64, length: UInt64) {
+        guard length > 0, !isCorrupted else { return }
+        let first = Int(offset >> UInt64(chunkShift))
+        let last = Int((offset + length - 1) >> UInt64(chunkShift))
+        for chunk in first...min(last, chunkCount - 1) {
+            do {
+                _ = try ensureStored(chunk)
+            } catch {
+                if !isCorrupted { onFailure(error) }
+                return
+            }
+        }
+    }
+
+    /// Copies a chunk to the difference storage unless it is there already,
+    /// and says where it is.
+    private func ensureStored(_ chunk: Int) throws(BlksnapError) -> DiffRegion {
+        let s = stripe(chunk)
+        s.lock.lock()
+        while true {
+            let state = ChunkState(rawValue: states[chunk])
+            if state.contains(.storeReady) {
+                let region = s.locations[UInt32(chunk)]!
+                s.lock.unlock()
+                return region
+            }
+            if isCorrupted {
+                s.lock.unlock()
+                throw BlksnapError(.ioError, "snapshot of \(devId) is corrupted")
+            }
+            if !state.contains(.loading) { break }
+            s.condition.wait(s.lock)
+        }
+        states[chunk] |= ChunkState.loading.rawValue
+        s.lock.unlock()
+
+        let region: DiffRegion
+        do {
+            region = try copy(chunk)
+        } catch {
+            s.lock.withLock {
+                states[chunk] = (states[chunk] & ~ChunkState.loading.rawValue) | ChunkState.failed.rawValue
+                s.condition.broadcast()
+            }
+            throw error
+        }
+
+        s.lock.lock()
+        s.draining += 1
+        while s.originalReaders > 0 { s.condition.wait(s.lock) }
+        s.draining -= 1
+        s.locations[UInt32(chunk)] = region
+        states[chunk] = (states[chunk] & ~ChunkState.loading.rawValue) | ChunkState.storeReady.rawValue
+        s.condition.broadcast()
+        s.lock.unlock()
+        return region
+    }
+
+    /// Reads the chunk from the original and writes it to a fresh region.
+    private func copy(_ chunk: Int) throws(BlksnapError) -> DiffRegion {
+        let n = length(of: chunk)
+        let padded = (n + 511) & ~511
+        let buffer = takeBuffer()
+        defer { giveBack(buffer) }
+        let data = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n])
+        try original.read(into: data, at: UInt64(chunk) << UInt64(chunkShift))
+        if padded > n { (buffer.baseAddress! + n).initializeMemory(as: UInt8.self, repeating: 0, count: padded - n) }
+        guard let region = storage.allocate(sectors: UInt64(padded) >> sectorShift) else {
+            throw BlksnapError(.noSpace, "difference storage is full")
+        }
+        try region.device.write(UnsafeRawBufferPointer(rebasing: buffer[0..<padded]), at: region.offset)
+        return region
+    }
+
+    // MARK: image I/O
+
+    /// Splits a byte range into its pieces per chunk.
+    @inline(__always)
+    private func forEachPiece(offset: UInt64, count: Int,
+                              _ body: (_ chunk: Int, _ inChunk: Int, _ done: Int, _ n: Int) throws(BlksnapError) -> Void) throws(BlksnapError) {
+        guard count > 0 else { return }
+        guard offset <= capacity, UInt64(count) <= capacity - offset else {
+            throw BlksnapError(.invalidArgument, "image I/O at \(offset)+\(count) past the end of \(capacity) bytes")
+        }
+        var done = 0
+        while done < count {
+            let position = offset + UInt64(done)
+            let chunk = Int(position >> UInt64(chunkShift))
+            let inChunk = Int(position & UInt64(chunkSize - 1))
+            let n = min(count - done, chunkSize - inChunk)
+            try body(chunk, inChunk, done, n)
+            done += n
+        }
+    }
+
+    /// The point-in-time content, plus what was written through the image.
+    func readImage(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(BlksnapError) {
+        guard !isCorrupted else { throw BlksnapError(.ioError, "snapshot of \(devId) is corrupted") }
+        try forEachPiece(offset: offset, count: buffer.count) { (chunk, inChunk, done, n) throws(BlksnapError) in
+            let piece = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + n)])
+            let s = stripe(chunk)
+            s.lock.lock()
+            while true {
+                if isCorrupted {
+                    s.lock.unlock()
+                    throw BlksnapError(.ioError, "snapshot of \(devId) is corrupted")
+                }
+                let state = ChunkState(rawValue: states[chunk])
+                if state.contains(.storeReady) {
+                    let region = s.locations[UInt32(chunk)]!
+                    s.lock.unlock()
+                    try region.device.read(into: piece, at: region.offset + UInt64(inChunk))
+                    return
+                }
+                if !state.contains(.loading) && s.draining == 0 { break }
+                s.condition.wait(s.lock)
+            }
+            s.originalReaders += 1
+            s.lock.unlock()
+            defer {
+                s.lock.withLock {
+                    s.originalReaders -= 1
+                    if s.originalReaders == 0 { s.condition.broadcast() }
+                }
+            }
+            try original.read(into: piece, at: (UInt64(chunk) << UInt64(chunkShift)) + UInt64(inChunk))
+        }
+        guard !isCorrupted else { throw BlksnapError(.ioError, "snapshot of \(devId) is corrupted") }
+    }
+
+    /// Stores an image write in the difference storage; the original is
+    /// never touched.
+    func writeImage(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(BlksnapError) {
+        guard !isCorrupted else { throw BlksnapError(.ioError, "snapshot of \(devId) is corrupted") }
+        try forEachPiece(offset: offset, count: buffer.count) { (chunk, inChunk, done, n) throws(BlksnapError) in
+            let region: DiffRegion
+            do throws(BlksnapError) {
+                region = try ensureStored(chunk)
+            } catch {
+                if !isCorrupted { onFailure(error) }
+                throw BlksnapError(.ioError, "snapshot of \(devId): \(error.message)")
+            }
+            try region.device.write(UnsafeRawBufferPointer(rebasing: buffer[done..<(done + n)]),
+                                    at: region.offset + UInt64(inChunk))
+            let s = stripe(chunk)
+            s.lock.withLock { states[chunk] |= ChunkState.dirty.rawValue }
+        }
+    }
+
+    /// The state bits of the chunk holding `sector`.
+    func chunkState(sector: UInt64) throws(BlksnapError) -> ChunkState {
+        let chunk = sector >> UInt64(chunkShift - Int(sectorShift))
+        guard chunk < UInt64(chunkCount) else {
+            throw BlksnapError(.invalidArgument, "sector \(sector) is past the image")
+        }
+        let s = stripe(Int(chunk))
+        return s.lock.withLock { ChunkState(rawValue: states[Int(chunk)]) }
+    }
+
+    /// How many chunks hold a stored copy.
+    public var storedChunks: Int {
+        stripes.reduce(0) { total, s in total + s.lock.withLock { s.locations.count } }
+    }
+}

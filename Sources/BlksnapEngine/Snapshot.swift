@@ -1,0 +1,44 @@
+import BlksnapABI
+import Logging
+import Synchronization
+
+/// One snapshot (upstream `snapshot.c`): the devices it names, its
+/// difference storage and event queue, and after TAKE one diff area and one
+/// image per device.
+///
+/// `isTaken`, `diffAreas` and `images` are guarded by the engine's control
+/// lock. Corruption is per snapshot: when any device can no longer store a
+/// chunk, every device's image fails from then on and each device gets
+/// exactly one corrupted event.
+public final class Snapshot: @unchecked Sendable {
+    public let id: UUID16
+    public let devIds: [DevId]
+    let trackers: [Tracker]
+    let storage: DiffStorage
+    let events = EventQueue()
+    var isTaken = false
+    var diffAreas: [DiffArea] = []
+    var images: [SnapImage] = []
+    private let corrupted = Atomic<Bool>(false)
+    private let logger: Logger
+
+    init(id: UUID16, trackers: [Tracker], settings: EngineSettings, logger: Logger) {
+        self.id = id
+        self.trackers = trackers
+        self.devIds = trackers.map(\.devId)
+        self.logger = logger
+        self.storage = DiffStorage(minimum: settings.diffStorageMinimum, events: events, logger: logger)
+    }
+
+    public var isCorrupted: Bool { corrupted.load(ordering: .acquiring) }
+
+    /// Marks every device corrupted once, and says so once per device.
+    func corrupt(_ error: BlksnapError) {
+        guard !corrupted.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        logger.error("blksnap-snapshot: snapshot \(id) is corrupted: \(error); originals keep working, images fail with EIO")
+        for area in diffAreas { area.markCorrupted() }
+        for devId in devIds {
+            events.post(.corrupted, data: EventCorrupted(origDevId: devId, errCode: error.errno.rawValue).wire)
+        }
+    }
+}

@@ -1,0 +1,17 @@
+/*
+ * CBlksnapLinux: Linux calls and constants that Swift's Glibc module does
+ * not import without _GNU_SOURCE, exported as prefixed functions and values
+ * (the CNIOLinux pattern).
+ */
+#ifndef CBLKSNAPLINUX_H
+#define CBLKSNAPLINUX_H
+
+#include <stdint.h>
+#include <sys/types.h>
+
+extern const int blksnap_o_direct;
+
+/* fallocate(2) with FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE. */
+int blksnap_punch_hole(int fd, off_t offset, off_t length);
+
+#endif

@@ -1,0 +1,123 @@
+import ArgumentParser
+import BlksnapEngine
+import Logging
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// blksnapd: the blksnap engine as a daemon. It needs no configuration
+/// file: the module's parameters are options with the module's defaults.
+@main
+struct Blksnapd: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "blksnapd",
+        abstract: "The blksnap snapshot and change-tracking engine, in user space.",
+        discussion: """
+            Serves the blksnap v1 interface without a kernel module. State lives \
+            under --state-dir (default /run/blksnap). Stop it with SIGINT or \
+            SIGTERM: snapshots are destroyed, original devices keep their data.
+            """)
+
+    @Option(help: "Directory for the lock file and sockets.")
+    var stateDir = "/run/blksnap"
+
+    @Option(help: "Sectors asked for at snapshot creation and in each low-free-space event (module: diff_storage_minimum).")
+    var diffStorageMinimum: UInt64 = EngineSettings().diffStorageMinimum
+
+    @Option(help: "Smallest tracking block, as a power of two in bytes.")
+    var trackingBlockMinimumShift: Int = EngineSettings().trackingBlockMinimumShift
+
+    @Option(help: "Most tracking blocks per device; blocks grow until the count fits.")
+    var trackingBlockMaximumCount: UInt64 = EngineSettings().trackingBlockMaximumCount
+
+    @Option(help: "Smallest chunk (the copy-on-write unit), as a power of two in bytes.")
+    var chunkMinimumShift: Int = EngineSettings().chunkMinimumShift
+
+    @Option(help: "Most chunks per device; chunks grow until the count fits.")
+    var chunkMaximumCount: UInt64 = EngineSettings().chunkMaximumCount
+
+    @Option(help: "Chunk buffers kept for reuse per device.")
+    var chunkMaximumInCache: Int = EngineSettings().chunkMaximumInCache
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel: String = "info"
+
+    var settings: EngineSettings {
+        var s = EngineSettings()
+        s.diffStorageMinimum = diffStorageMinimum
+        s.trackingBlockMinimumShift = trackingBlockMinimumShift
+        s.trackingBlockMaximumCount = trackingBlockMaximumCount
+        s.chunkMinimumShift = chunkMinimumShift
+        s.chunkMaximumCount = chunkMaximumCount
+        s.chunkMaximumInCache = chunkMaximumInCache
+        return s
+    }
+
+    func validate() throws {
+        guard (9...26).contains(trackingBlockMinimumShift), (9...26).contains(chunkMinimumShift) else {
+            throw ValidationError("shifts must lie between 9 (512 bytes) and 26 (64 MiB)")
+        }
+        guard diffStorageMinimum >= 16 else { throw ValidationError("--diff-storage-minimum is too small") }
+        guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown log level \(logLevel)") }
+    }
+
+    func run() throws {
+        LoggingSystem.bootstrap(StreamLogHandler.standardError)
+        var logger = Logger(label: "blksnapd")
+        logger.logLevel = Logger.Level(rawValue: logLevel)!
+
+        let state = try StateDirectory(path: stateDir)
+        defer { state.release() }
+
+        // Signals are taken synchronously so shutdown runs on this thread,
+        // never inside a signal handler.
+        var signals = sigset_t()
+        sigemptyset(&signals)
+        sigaddset(&signals, SIGINT)
+        sigaddset(&signals, SIGTERM)
+        pthread_sigmask(SIG_BLOCK, &signals, nil)
+
+        let engine = Engine(settings: settings, logger: logger)
+        logger.info("blksnapd: engine ready (diff-storage-minimum \(settings.diffStorageMinimum) sectors, state in \(stateDir))")
+
+        var received: Int32 = 0
+        sigwait(&signals, &received)
+        logger.info("blksnapd: signal \(received), shutting down")
+        engine.destroyAll()
+        logger.info("blksnapd: stopped; every original device is intact")
+    }
+}
+
+/// The daemon's state directory and its lock: a second instance is refused
+/// while the first holds the lock.
+struct StateDirectory {
+    let path: String
+    let lockPath: String
+    let lockFd: Int32
+
+    struct Refused: Error, CustomStringConvertible {
+        var description: String
+    }
+
+    init(path: String) throws {
+        self.path = path
+        mkdir(path, 0o700)
+        lockPath = path + "/blksnapd.lock"
+        lockFd = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard lockFd >= 0 else {
+            throw Refused(description: "cannot open \(lockPath): \(String(cString: strerror(errno)))")
+        }
+        guard flock(lockFd, LOCK_EX | LOCK_NB) == 0 else {
+            close(lockFd)
+            throw Refused(description: "another blksnapd is running (it holds \(lockPath))")
+        }
+        let pid = "\(getpid())\n"
+        ftruncate(lockFd, 0)
+        _ = pid.withCString { write(lockFd, $0, strlen($0)) }
+    }
+
+    func release() {
+        unlink(lockPath)
+        close(lockFd)
+    }
+}
