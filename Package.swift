@@ -8,6 +8,7 @@ let package = Package(
     products: [
         .library(name: "BlksnapEngine", targets: ["BlksnapEngine"]),
         .executable(name: "blksnapd", targets: ["blksnapd"]),
+        .executable(name: "blksnapctl", targets: ["blksnapctl"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
@@ -19,6 +20,7 @@ let package = Package(
         // this target reaches it through a symlink so C tools and Swift share it.
         .target(name: "CBlksnapABI"),
         .target(name: "CBlksnapLinux"),
+        .systemLibrary(name: "CFuse3", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
         .target(
             name: "BlksnapABI",
             dependencies: [
@@ -35,12 +37,25 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
+        // Frontends: each a way into the engine, holding no blksnap logic.
+        .target(name: "BlksnapCUSE", dependencies: ["BlksnapEngine", "CBlksnapABI", "CFuse3"]),
+        .target(name: "BlksnapShimServer", dependencies: ["BlksnapEngine", "CBlksnapABI", "CBlksnapLinux"]),
         .executableTarget(
             name: "blksnapd",
             dependencies: [
                 "BlksnapEngine",
+                "BlksnapCUSE",
+                "BlksnapShimServer",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "blksnapctl",
+            dependencies: [
+                "CBlksnapABI",
+                "BlksnapEngine",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .executableTarget(
@@ -52,5 +67,7 @@ let package = Package(
         ),
         .testTarget(name: "BlksnapABITests", dependencies: ["BlksnapABI", "CBlksnapABI"]),
         .testTarget(name: "BlksnapEngineTests", dependencies: ["BlksnapEngine", "BlksnapABI"]),
+        .testTarget(name: "BlksnapCUSETests", dependencies: ["BlksnapCUSE", "BlksnapEngine", "BlksnapABI", "CBlksnapABI"]),
+        .testTarget(name: "BlksnapShimServerTests", dependencies: ["BlksnapShimServer", "BlksnapEngine", "BlksnapABI", "CBlksnapABI"]),
     ]
 )

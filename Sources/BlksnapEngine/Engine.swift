@@ -13,11 +13,11 @@ public final class Engine: @unchecked Sendable {
     public let logger: Logger
     let host: any HostDevices
     let hooks: any SnapshotHooks
-    private let lock = Lock()
-    private var devices: [DevId: RoutedDevice] = [:]
-    private var trackers: [DevId: Tracker] = [:]
-    private var trackerOrder: [DevId] = []
-    private var snapshots: [Snapshot] = []
+    let lock = Lock()
+    var devices: [DevId: RoutedDevice] = [:]
+    var trackers: [DevId: Tracker] = [:]
+    var trackerOrder: [DevId] = []
+    var snapshots: [Snapshot] = []
     private var logConfig: LogConfig?
 
     /// What SETLOG last asked for; the daemon tees its log there.

@@ -3,10 +3,30 @@
 
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <stddef.h>
+#include <sys/socket.h>
 
 const int blksnap_o_direct = O_DIRECT;
 
 int blksnap_punch_hole(int fd, off_t offset, off_t length)
 {
 	return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+}
+
+int blksnap_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid)
+{
+	struct ucred cred;
+	socklen_t length = sizeof(cred);
+
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &length) != 0)
+		return -1;
+	*pid = cred.pid;
+	*uid = cred.uid;
+	*gid = cred.gid;
+	return 0;
+}
+
+int blksnap_accept_cloexec(int fd)
+{
+	return accept4(fd, NULL, NULL, SOCK_CLOEXEC);
 }

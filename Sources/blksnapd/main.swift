@@ -1,5 +1,6 @@
 import ArgumentParser
 import BlksnapEngine
+import BlksnapShimServer
 import Logging
 #if canImport(Glibc)
 import Glibc
@@ -78,11 +79,15 @@ struct Blksnapd: ParsableCommand {
         pthread_sigmask(SIG_BLOCK, &signals, nil)
 
         let engine = Engine(settings: settings, logger: logger)
+        let control = Control(engine: engine)
+        let server = ControlServer(path: stateDir + "/control.sock", control: control, logger: logger)
+        try server.start()
         logger.info("blksnapd: engine ready (diff-storage-minimum \(settings.diffStorageMinimum) sectors, state in \(stateDir))")
 
         var received: Int32 = 0
         sigwait(&signals, &received)
         logger.info("blksnapd: signal \(received), shutting down")
+        server.stop()
         engine.destroyAll()
         logger.info("blksnapd: stopped; every original device is intact")
     }

@@ -9,6 +9,7 @@
 
 #include <stdint.h>
 #include "blksnap/blk_snap.h"
+#include "blksnap_control.h"
 
 extern const uint32_t blksnap_ioctl_version;
 extern const uint32_t blksnap_ioctl_tracker_remove;

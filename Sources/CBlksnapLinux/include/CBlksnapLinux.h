@@ -14,4 +14,11 @@ extern const int blksnap_o_direct;
 /* fallocate(2) with FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE. */
 int blksnap_punch_hole(int fd, off_t offset, off_t length);
 
+
+/* SO_PEERCRED of a connected Unix socket; 0 or -1 with errno. */
+int blksnap_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid);
+
+/* accept4(fd, NULL, NULL, SOCK_CLOEXEC). */
+int blksnap_accept_cloexec(int fd);
+
 #endif

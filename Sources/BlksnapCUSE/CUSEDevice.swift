@@ -1,0 +1,1 @@
+// The CUSE frontend: /dev/blksnap as a CUSE character device (in progress).

@@ -1,0 +1,84 @@
+import BlksnapABI
+
+/// What `blksnapctl status` shows: every routed device, tracker, snapshot
+/// and image, as plain values taken under the engine's lock.
+public struct EngineStatus: Codable, Sendable, Equatable {
+    public struct Device: Codable, Sendable, Equatable {
+        public var devId: String
+        public var sizeBytes: UInt64
+        public var backing: String
+        public var tracked: Bool
+    }
+    public struct TrackerInfo: Codable, Sendable, Equatable {
+        public var devId: String
+        public var blockSize: UInt32
+        public var blockCount: UInt32
+        public var capacityBytes: UInt64
+        public var generationId: String
+        public var snapNumber: UInt8
+        public var snapshot: String?
+    }
+    public struct Image: Codable, Sendable, Equatable {
+        public var originalDevId: String
+        public var imageDevId: String
+        public var storedChunks: Int
+        public var corrupted: Bool
+    }
+    public struct SnapshotInfo: Codable, Sendable, Equatable {
+        public var id: String
+        public var taken: Bool
+        public var corrupted: Bool
+        public var devices: [String]
+        public var storageCapacitySectors: UInt64
+        public var storageFilledSectors: UInt64
+        public var storageRequestedSectors: UInt64
+        public var images: [Image]
+    }
+    public var devices: [Device]
+    public var trackers: [TrackerInfo]
+    public var snapshots: [SnapshotInfo]
+}
+
+/// Something that can say what a backing store is, for status.
+public protocol Describable {
+    var displayName: String { get }
+}
+
+extension Engine {
+    /// One consistent picture, taken under the control lock.
+    public func status() -> EngineStatus {
+        lock.withLock {
+            let trackerInfos = trackerOrder.map { devId -> EngineStatus.TrackerInfo in
+                let t = trackers[devId]!
+                let info = t.cbtMap.info(devId: devId)
+                return .init(devId: devId.description, blockSize: info.blockSize, blockCount: info.blockCount,
+                             capacityBytes: info.deviceCapacity, generationId: info.generationId.description,
+                             snapNumber: info.snapNumber, snapshot: t.snapshot?.id.description)
+            }
+            let snapshotInfos = snapshots.map { s in
+                EngineStatus.SnapshotInfo(
+                    id: s.id.description, taken: s.isTaken, corrupted: s.isCorrupted, devices: s.devIds.map(\.description),
+                    storageCapacitySectors: s.storage.capacitySectors, storageFilledSectors: s.storage.filledSectors,
+                    storageRequestedSectors: s.storage.requestedSectors,
+                    images: s.images.map {
+                        .init(originalDevId: $0.originalDevId.description, imageDevId: $0.devId.description,
+                              storedChunks: $0.diffArea.storedChunks, corrupted: $0.isCorrupted)
+                    })
+            }
+            let deviceInfos = devices.values.sorted { $0.devId < $1.devId }.map { d in
+                EngineStatus.Device(devId: d.devId.description, sizeBytes: d.size,
+                                    backing: (d.backing as? Describable)?.displayName ?? "\(type(of: d.backing))",
+                                    tracked: trackers[d.devId] != nil)
+            }
+            return EngineStatus(devices: deviceInfos, trackers: trackerInfos, snapshots: snapshotInfos)
+        }
+    }
+}
+
+extension FileBlockDevice: Describable {
+    public var displayName: String { path }
+}
+
+extension MemoryBlockDevice: Describable {
+    public var displayName: String { "memory" }
+}

@@ -1,0 +1,200 @@
+import BlksnapABI
+import BlksnapEngine
+import CBlksnapABI
+import CBlksnapLinux
+import FoundationEssentials
+import Logging
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// blksnapd's control socket: the preload shim's way into the dispatcher,
+/// and blksnapctl's. Root only: the socket is mode 0600, and each peer is
+/// checked with SO_PEERCRED, so a non-root peer that somehow connects gets
+/// EACCES for every request.
+///
+/// One thread per connection: requests on a connection are answered in
+/// order, and a WAIT_EVENT that sleeps holds up only its own connection
+/// (the tools open one descriptor per object).
+public final class ControlServer: @unchecked Sendable {
+    public let path: String
+    let control: Control
+    let logger: Logger
+    private let lock = Lock()
+    private var listener: Int32 = -1
+    private var connections: Set<Int32> = []
+    private var stopped = false
+    /// Answers ATTACH and DETACH (the data plane); nil refuses them.
+    public var deviceRequests: (@Sendable (UInt32, [UInt8]) -> (Int32, [UInt8]))?
+
+    public init(path: String, control: Control, logger: Logger) {
+        self.path = path
+        self.control = control
+        self.logger = logger
+    }
+
+    /// Binds, restricts to root, listens, and serves in the background.
+    public func start() throws(BlksnapError) {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw BlksnapError(Errno(rawValue: errno), "cannot create the control socket") }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let capacity = MemoryLayout.size(ofValue: address.sun_path)
+        guard path.utf8.count < capacity else {
+            close(fd)
+            throw BlksnapError(.invalidArgument, "control socket path \(path) is longer than \(capacity - 1) bytes")
+        }
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            for (i, b) in path.utf8.enumerated() { raw[i] = b }
+            raw[path.utf8.count] = 0
+        }
+        // A stale socket from a daemon that died is ours to replace: the
+        // state directory's lock says no other daemon is alive.
+        unlink(path)
+        let oldMask = umask(0o177)
+        let rc = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        umask(oldMask)
+        guard rc == 0 else {
+            let e = errno
+            close(fd)
+            throw BlksnapError(Errno(rawValue: e), "cannot bind the control socket \(path)")
+        }
+        chmod(path, 0o600)
+        guard listen(fd, 64) == 0 else {
+            let e = errno
+            close(fd)
+            throw BlksnapError(Errno(rawValue: e), "cannot listen on \(path)")
+        }
+        lock.withLock { listener = fd }
+        logger.info("blksnapd: control socket \(path) (mode 0600, root only)")
+        startThread { [self] in acceptLoop(fd) }
+    }
+
+    /// Stops accepting, ends every connection and removes the socket.
+    public func stop() {
+        let (fd, open) = lock.withLock { () -> (Int32, Set<Int32>) in
+            stopped = true
+            let fd = listener
+            listener = -1
+            return (fd, connections)
+        }
+        if fd >= 0 {
+            shutdown(fd, Int32(SHUT_RDWR))
+            close(fd)
+            unlink(path)
+        }
+        for c in open { shutdown(c, Int32(SHUT_RDWR)) }
+    }
+
+    private func acceptLoop(_ fd: Int32) {
+        while true {
+            let c = blksnap_accept_cloexec(fd)
+            if c < 0 {
+                if errno == EINTR || errno == ECONNABORTED { continue }
+                if lock.withLock({ stopped }) { return }
+                logger.error("blksnapd: accept on the control socket failed: \(Errno(rawValue: errno))")
+                return
+            }
+            let keep = lock.withLock { () -> Bool in
+                guard !stopped else { return false }
+                connections.insert(c)
+                return true
+            }
+            guard keep else { close(c); return }
+            startThread { [self] in
+                serve(c)
+                lock.withLock { _ = connections.remove(c) }
+                close(c)
+            }
+        }
+    }
+
+    private func peer(_ fd: Int32) -> (pid: pid_t, uid: uid_t) {
+        var pid: pid_t = 0, uid: uid_t = .max, gid: gid_t = .max
+        guard blksnap_peer_credentials(fd, &pid, &uid, &gid) == 0 else { return (0, .max) }
+        return (pid, uid)
+    }
+
+    /// Answers requests until the peer hangs up.
+    func serve(_ fd: Int32) {
+        let cred = peer(fd)
+        let allowed = cred.uid == 0
+        if !allowed {
+            logger.warning("blksnapd: refusing control requests from pid \(cred.pid) uid \(cred.uid): root only (EACCES)")
+        }
+        while let request = SocketIO.read(fd, as: blksnap_control_request.self, zero: blksnap_control_request()) {
+            guard request.magic == BLKSNAP_CONTROL_MAGIC else {
+                logger.error("blksnapd: bad magic on the control socket from pid \(cred.pid); closing")
+                return
+            }
+            guard let reply = answer(fd, request, allowed: allowed) else { return }
+            guard SocketIO.writeAll(fd, reply) else { return }
+        }
+    }
+
+    /// Reads the rest of one request and builds its reply; nil when the
+    /// stream is broken or malformed.
+    private func answer(_ fd: Int32, _ request: blksnap_control_request, allowed: Bool) -> [[UInt8]]? {
+        switch request.type {
+        case BLKSNAP_CONTROL_IOCTL.rawValue:
+            var regions: [ShippedMemory.Region] = []
+            var total = 0
+            for _ in 0..<request.region_count {
+                guard let header = SocketIO.read(fd, as: blksnap_control_region.self, zero: blksnap_control_region()) else { return nil }
+                let carries = header.flow & BLKSNAP_ABI_IN.rawValue != 0
+                total += Int(header.length)
+                guard total <= Int(BLKSNAP_CONTROL_MAX_BYTES) else {
+                    logger.error("blksnapd: control request over \(BLKSNAP_CONTROL_MAX_BYTES) bytes; closing")
+                    return nil
+                }
+                let bytes = carries ? SocketIO.readBytes(fd, count: Int(header.length)) : []
+                guard let bytes else { return nil }
+                regions.append(.init(address: header.address, flow: header.flow, length: Int(header.length), bytes: bytes))
+            }
+            guard allowed else { return Self.reply(result: -Errno.permissionDenied.rawValue) }
+            let result = control.dispatch(command: request.command, argument: request.argument,
+                                          memory: ShippedMemory(regions: regions))
+            return Self.reply(result: result.kernelResult, writes: result.writes)
+        default:
+            guard request.payload_length <= BLKSNAP_CONTROL_MAX_BYTES,
+                  let payload = SocketIO.readBytes(fd, count: Int(request.payload_length)) else { return nil }
+            guard allowed else { return Self.reply(result: -Errno.permissionDenied.rawValue) }
+            switch request.type {
+            case BLKSNAP_CONTROL_STATUS.rawValue:
+                let json = (try? JSONEncoder().encode(control.engine.status())).map { Array($0) } ?? []
+                return Self.reply(result: 0, payload: json)
+            case BLKSNAP_CONTROL_ATTACH.rawValue, BLKSNAP_CONTROL_DETACH.rawValue:
+                guard let deviceRequests else {
+                    return Self.reply(result: -Errno.notSupported.rawValue,
+                                      payload: Array("this blksnapd routes no devices".utf8))
+                }
+                let (result, out) = deviceRequests(request.type, payload)
+                return Self.reply(result: result, payload: out)
+            default:
+                logger.error("blksnapd: unknown control request type \(request.type)")
+                return Self.reply(result: -Errno.invalidArgument.rawValue)
+            }
+        }
+    }
+
+    static func reply(result: Int32, writes: [CallerWrite] = [], payload: [UInt8] = []) -> [[UInt8]] {
+        var header = blksnap_control_reply()
+        header.magic = BLKSNAP_CONTROL_MAGIC
+        header.result = result
+        header.write_count = UInt32(writes.count)
+        header.payload_length = UInt32(payload.count)
+        var pieces = [SocketIO.bytes(of: header)]
+        for w in writes {
+            var wh = blksnap_control_write()
+            wh.address = w.address
+            wh.length = UInt32(w.bytes.count)
+            pieces.append(SocketIO.bytes(of: wh))
+            pieces.append(w.bytes)
+        }
+        pieces.append(payload)
+        return pieces
+    }
+}

@@ -1,0 +1,64 @@
+import BlksnapEngine
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Blocking whole-buffer reads and writes on a stream socket: the control
+/// protocol is one request then one reply, so a thread per connection with
+/// plain blocking calls is both the simplest and the fastest loop.
+enum SocketIO {
+    /// Fills `buffer` or returns false at end of stream or on error.
+    static func readFully(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer) -> Bool {
+        var done = 0
+        while done < buffer.count {
+            let n = Glibc.read(fd, buffer.baseAddress! + done, buffer.count - done)
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return false }
+            done += n
+        }
+        return true
+    }
+
+    static func readBytes(_ fd: Int32, count: Int) -> [UInt8]? {
+        var bytes = [UInt8](repeating: 0, count: count)
+        let ok = bytes.withUnsafeMutableBytes { readFully(fd, $0) }
+        return ok ? bytes : nil
+    }
+
+    static func read<T>(_ fd: Int32, as type: T.Type, zero: T) -> T? {
+        var value = zero
+        let ok = withUnsafeMutableBytes(of: &value) { readFully(fd, $0) }
+        return ok ? value : nil
+    }
+
+    /// Writes every byte of every piece, in order.
+    static func writeAll(_ fd: Int32, _ pieces: [[UInt8]]) -> Bool {
+        for piece in pieces where !piece.isEmpty {
+            var done = 0
+            while done < piece.count {
+                let n = piece.withUnsafeBytes { send(fd, $0.baseAddress! + done, piece.count - done, Int32(MSG_NOSIGNAL)) }
+                if n < 0 && errno == EINTR { continue }
+                if n <= 0 { return false }
+                done += n
+            }
+        }
+        return true
+    }
+
+    static func bytes<T>(of value: T) -> [UInt8] { withUnsafeBytes(of: value) { Array($0) } }
+}
+
+/// A detached thread running `body`.
+func startThread(_ body: @escaping @Sendable () -> Void) {
+    final class Box { let body: @Sendable () -> Void; init(_ b: @escaping @Sendable () -> Void) { body = b } }
+    let box = Unmanaged.passRetained(Box(body)).toOpaque()
+    var thread = pthread_t()
+    let rc = pthread_create(&thread, nil, { arg in
+        let b = Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue()
+        b.body()
+        return nil
+    }, box)
+    precondition(rc == 0, "pthread_create failed")
+    pthread_detach(thread)
+}

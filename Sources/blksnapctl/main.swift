@@ -1,0 +1,189 @@
+import ArgumentParser
+import BlksnapEngine
+import CBlksnapABI
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// blksnapctl: the operator's client of blksnapd, over its control socket.
+@main
+struct Blksnapctl: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "blksnapctl",
+        abstract: "Operate blksnapd, the user-space blksnap engine.",
+        discussion: """
+            Talks to blksnapd over its control socket (root only; \
+            $BLKSNAP_CONTROL_SOCKET or /run/blksnap/control.sock).
+            """,
+        subcommands: [Status.self, Exec.self])
+}
+
+struct SocketOption: ParsableArguments {
+    @Option(help: "blksnapd's control socket.")
+    var socket: String = ProcessEnvironment.get(BLKSNAP_CONTROL_SOCKET_ENV) ?? BLKSNAP_CONTROL_SOCKET
+}
+
+enum ProcessEnvironment {
+    static func get(_ name: String) -> String? { getenv(name).map { String(cString: $0) } }
+}
+
+struct Failure: Error, CustomStringConvertible {
+    var description: String
+}
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show routed devices, trackers, snapshots and images.")
+
+    @OptionGroup var options: SocketOption
+
+    @Flag(help: "Print JSON instead of tables.")
+    var json = false
+
+    func run() throws {
+        let client = try ControlClient(path: options.socket)
+        let (result, payload) = try client.request(type: BLKSNAP_CONTROL_STATUS.rawValue)
+        guard result == 0 else { throw Failure(description: "status failed: \(String(cString: strerror(-result)))") }
+        if json {
+            print(String(decoding: payload, as: UTF8.self))
+            return
+        }
+        let status = try JSONDecoder().decode(EngineStatus.self, from: Data(payload))
+        print(Table.render(title: "routed devices", ["DEVICE", "SIZE", "TRACKED", "BACKING"],
+                           status.devices.map { [$0.devId, "\($0.sizeBytes)", $0.tracked ? "yes" : "no", $0.backing] }))
+        print(Table.render(title: "trackers", ["DEVICE", "BLOCK", "BLOCKS", "SNAP#", "GENERATION", "SNAPSHOT"],
+                           status.trackers.map { ["\($0.devId)", "\($0.blockSize)", "\($0.blockCount)", "\($0.snapNumber)",
+                                                  $0.generationId, $0.snapshot ?? "-"] }))
+        print(Table.render(title: "snapshots", ["ID", "TAKEN", "CORRUPTED", "DEVICES", "STORAGE USED/SIZE (sectors)"],
+                           status.snapshots.map { [$0.id, $0.taken ? "yes" : "no", $0.corrupted ? "yes" : "no",
+                                                   $0.devices.joined(separator: ","),
+                                                   "\($0.storageFilledSectors)/\($0.storageCapacitySectors)"] }))
+        print(Table.render(title: "images", ["IMAGE", "ORIGINAL", "STORED CHUNKS", "CORRUPTED"],
+                           status.snapshots.flatMap(\.images).map {
+                               [$0.imageDevId, $0.originalDevId, "\($0.storedChunks)", $0.corrupted ? "yes" : "no"]
+                           }), terminator: "")
+    }
+}
+
+struct Exec: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run a command with the blksnap preload shim, so its /dev/blksnap reaches blksnapd.",
+        discussion: "Example: blksnapctl exec -- blksnap version")
+
+    @OptionGroup var options: SocketOption
+
+    @Option(help: "The preload library (default: found beside blksnapctl).")
+    var preload: String?
+
+    @Argument(parsing: .captureForPassthrough, help: "The command and its arguments.")
+    var command: [String] = []
+
+    func run() throws {
+        var argv = command
+        if argv.first == "--" { argv.removeFirst() }
+        guard let program = argv.first else { throw ValidationError("name a command to run") }
+        let library = try preload ?? Exec.findPreload()
+        guard access(library, R_OK) == 0 else {
+            throw Failure(description: "cannot read the preload library \(library); build it with tools/build-preload")
+        }
+        let existing = ProcessEnvironment.get("LD_PRELOAD").map { " " + $0 } ?? ""
+        setenv("LD_PRELOAD", library + existing, 1)
+        setenv(BLKSNAP_CONTROL_SOCKET_ENV, options.socket, 1)
+        var cargs = argv.map { strdup($0) } + [nil]
+        execvp(program, &cargs)
+        throw Failure(description: "cannot run \(program): \(String(cString: strerror(errno)))")
+    }
+
+    /// Beside this binary, or in the build tree's preload folder, or installed.
+    static func findPreload() throws -> String {
+        var buffer = [CChar](repeating: 0, count: 4096)
+        let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+        let exe = n > 0 ? String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : ""
+        let dir = exe.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
+        let candidates = [dir + "/libblksnap-preload.so", dir + "/../preload/libblksnap-preload.so",
+                          "/usr/local/lib/blksnap/libblksnap-preload.so"]
+        guard let found = candidates.first(where: { access($0, R_OK) == 0 }) else {
+            throw Failure(description: "no libblksnap-preload.so found (looked in \(candidates.joined(separator: ", "))); "
+                          + "build it with tools/build-preload or pass --preload")
+        }
+        return found
+    }
+}
+
+/// A blocking client of the control protocol.
+struct ControlClient {
+    let fd: Int32
+
+    init(path: String) throws {
+        fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            for (i, b) in path.utf8.prefix(raw.count - 1).enumerated() { raw[i] = b }
+        }
+        let rc = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard rc == 0 else {
+            let why = String(cString: strerror(errno))
+            close(fd)
+            throw Failure(description: "cannot reach blksnapd at \(path): \(why) (is it running? start it with tools/run-daemon)")
+        }
+    }
+
+    func request(type: UInt32, payload: [UInt8] = []) throws -> (Int32, [UInt8]) {
+        var header = blksnap_control_request()
+        header.magic = BLKSNAP_CONTROL_MAGIC
+        header.type = type
+        header.payload_length = UInt32(payload.count)
+        let out = withUnsafeBytes(of: header) { Array($0) } + payload
+        guard out.withUnsafeBytes({ send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }) == out.count else {
+            throw Failure(description: "blksnapd closed the connection")
+        }
+        var reply = blksnap_control_reply()
+        guard readFully(&reply, MemoryLayout<blksnap_control_reply>.size), reply.magic == BLKSNAP_CONTROL_MAGIC else {
+            throw Failure(description: "blksnapd sent no reply")
+        }
+        var body = [UInt8](repeating: 0, count: Int(reply.payload_length))
+        guard body.withUnsafeMutableBytes({ readFully($0.baseAddress!, $0.count) }) || body.isEmpty else {
+            throw Failure(description: "blksnapd's reply was cut short")
+        }
+        return (reply.result, body)
+    }
+
+    private func readFully(_ p: UnsafeMutableRawPointer, _ count: Int) -> Bool {
+        var done = 0
+        while done < count {
+            let n = Glibc.read(fd, p + done, count - done)
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return false }
+            done += n
+        }
+        return true
+    }
+}
+
+enum Table {
+    static func render(title: String, _ header: [String], _ rows: [[String]]) -> String {
+        var widths = header.map(\.count)
+        for r in rows { for (i, c) in r.enumerated() { widths[i] = max(widths[i], c.count) } }
+        func line(_ cells: [String]) -> String {
+            cells.enumerated().map { i, c in c + String(repeating: " ", count: widths[i] - c.count) }
+                .joined(separator: "  ").trimmingTrailingSpaces()
+        }
+        var out = "\(title):\n"
+        if rows.isEmpty { return out + "  (none)\n" }
+        out += "  " + line(header) + "\n"
+        for r in rows { out += "  " + line(r) + "\n" }
+        return out
+    }
+}
+
+extension String {
+    func trimmingTrailingSpaces() -> String {
+        var s = self
+        while s.last == " " { s.removeLast() }
+        return s
+    }
+}
