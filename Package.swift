@@ -39,13 +39,16 @@ let package = Package(
         ),
         // Frontends: each a way into the engine, holding no blksnap logic.
         .target(name: "BlksnapCUSE", dependencies: ["BlksnapEngine", "CBlksnapABI", "CFuse3"]),
+        .target(name: "BlksnapFUSE", dependencies: ["BlksnapEngine", "CFuse3", "CBlksnapLinux"]),
         .target(name: "BlksnapShimServer", dependencies: ["BlksnapEngine", "CBlksnapABI", "CBlksnapLinux"]),
         .executableTarget(
             name: "blksnapd",
             dependencies: [
                 "BlksnapEngine",
                 "BlksnapCUSE",
+                "BlksnapFUSE",
                 "BlksnapShimServer",
+                "CBlksnapABI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -66,7 +69,7 @@ let package = Package(
             swiftSettings: [.swiftLanguageMode(.v5)]
         ),
         .testTarget(name: "BlksnapABITests", dependencies: ["BlksnapABI", "CBlksnapABI"]),
-        .testTarget(name: "BlksnapEngineTests", dependencies: ["BlksnapEngine", "BlksnapABI"]),
+        .testTarget(name: "BlksnapEngineTests", dependencies: ["BlksnapEngine", "BlksnapABI", "CBlksnapABI"]),
         .testTarget(name: "BlksnapCUSETests", dependencies: ["BlksnapCUSE", "BlksnapEngine", "BlksnapABI", "CBlksnapABI"]),
         .testTarget(name: "BlksnapShimServerTests", dependencies: ["BlksnapShimServer", "BlksnapEngine", "BlksnapABI", "CBlksnapABI"]),
     ]

@@ -75,18 +75,19 @@ public final class ControlServer: @unchecked Sendable {
 
     /// Stops accepting, ends every connection and removes the socket.
     public func stop() {
-        let (fd, open) = lock.withLock { () -> (Int32, Set<Int32>) in
+        // Under the lock: a connection thread removes its descriptor here
+        // before closing it, so no number we shut down can have been reused.
+        lock.withLock {
             stopped = true
-            let fd = listener
-            listener = -1
-            return (fd, connections)
+            if listener >= 0 {
+                // The accept loop closes it once woken, so its number stays
+                // ours until nothing can use it.
+                shutdown(listener, Int32(SHUT_RDWR))
+                unlink(path)
+                listener = -1
+            }
+            for c in connections { shutdown(c, Int32(SHUT_RDWR)) }
         }
-        if fd >= 0 {
-            shutdown(fd, Int32(SHUT_RDWR))
-            close(fd)
-            unlink(path)
-        }
-        for c in open { shutdown(c, Int32(SHUT_RDWR)) }
     }
 
     private func acceptLoop(_ fd: Int32) {
@@ -94,8 +95,10 @@ public final class ControlServer: @unchecked Sendable {
             let c = blksnap_accept_cloexec(fd)
             if c < 0 {
                 if errno == EINTR || errno == ECONNABORTED { continue }
-                if lock.withLock({ stopped }) { return }
-                logger.error("blksnapd: accept on the control socket failed: \(Errno(rawValue: errno))")
+                if !lock.withLock({ stopped }) {
+                    logger.error("blksnapd: accept on the control socket failed: \(Errno(rawValue: errno))")
+                }
+                close(fd)
                 return
             }
             let keep = lock.withLock { () -> Bool in
@@ -103,7 +106,11 @@ public final class ControlServer: @unchecked Sendable {
                 connections.insert(c)
                 return true
             }
-            guard keep else { close(c); return }
+            guard keep else {
+                close(c)
+                close(fd)
+                return
+            }
             startThread { [self] in
                 serve(c)
                 lock.withLock { _ = connections.remove(c) }

@@ -2,8 +2,12 @@
 #include "CBlksnapLinux.h"
 
 #include <fcntl.h>
+#include <unistd.h>
 #include <linux/falloc.h>
 #include <stddef.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <sys/sysmacros.h>
 #include <sys/socket.h>
 
 const int blksnap_o_direct = O_DIRECT;
@@ -29,4 +33,29 @@ int blksnap_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid)
 int blksnap_accept_cloexec(int fd)
 {
 	return accept4(fd, NULL, NULL, SOCK_CLOEXEC);
+}
+
+const unsigned long blksnap_ioctl_fifreeze = FIFREEZE;
+const unsigned long blksnap_ioctl_fithaw = FITHAW;
+const unsigned long blksnap_ioctl_blkflsbuf = BLKFLSBUF;
+const unsigned long blksnap_ioctl_blkgetsize64 = BLKGETSIZE64;
+
+dev_t blksnap_makedev(unsigned int major, unsigned int minor)
+{
+	return makedev(major, minor);
+}
+
+unsigned int blksnap_major(dev_t dev)
+{
+	return major(dev);
+}
+
+unsigned int blksnap_minor(dev_t dev)
+{
+	return minor(dev);
+}
+
+int blksnap_syncfs(int fd)
+{
+	return syncfs(fd);
 }

@@ -16,7 +16,7 @@ struct Blksnapctl: ParsableCommand {
             Talks to blksnapd over its control socket (root only; \
             $BLKSNAP_CONTROL_SOCKET or /run/blksnap/control.sock).
             """,
-        subcommands: [Status.self, Exec.self])
+        subcommands: [Status.self, Attach.self, Detach.self, Exec.self])
 }
 
 struct SocketOption: ParsableArguments {
@@ -66,6 +66,68 @@ struct Status: ParsableCommand {
     }
 }
 
+/// The daemon's answer to a refused device request.
+struct DaemonMessage: Codable { var error: String }
+
+func failure(_ what: String, _ result: Int32, _ payload: [UInt8]) -> Failure {
+    let message = (try? JSONDecoder().decode(DaemonMessage.self, from: Data(payload)))?.error
+    return Failure(description: "\(what) failed: \(message ?? String(cString: strerror(-result)))")
+}
+
+struct Attach: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Route a disk through the engine and print its new block device.",
+        discussion: """
+            BACKING is a regular file (grown to --size if smaller) or a block \
+            device (refused when mounted or held elsewhere). Prints the new \
+            device node and its major:minor; track and snapshot that device, \
+            and use it instead of BACKING from now on.
+            """)
+
+    @OptionGroup var options: SocketOption
+
+    @Argument(help: "The file or block device to route.")
+    var backing: String
+
+    @Option(help: "Size in bytes for a regular file (grown if smaller).")
+    var size: UInt64?
+
+    func run() throws {
+        var path = backing
+        if !path.hasPrefix("/") {
+            var cwd = [CChar](repeating: 0, count: 4096)
+            path = String(cString: getcwd(&cwd, cwd.count)) + "/" + path
+        }
+        struct Request: Codable { var backing: String; var size: UInt64? }
+        let client = try ControlClient(path: options.socket)
+        let (result, payload) = try client.request(type: BLKSNAP_CONTROL_ATTACH.rawValue,
+                                                   payload: Array(try JSONEncoder().encode(Request(backing: path, size: size))))
+        guard result == 0 else { throw failure("attach", result, payload) }
+        struct Attached: Codable { var node: String; var devId: String }
+        let attached = try JSONDecoder().decode(Attached.self, from: Data(payload))
+        print("\(attached.node) \(attached.devId)")
+    }
+}
+
+struct Detach: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Stop routing a device: flushes it and leaves its backing store consistent.",
+        discussion: "Refused while the device is in a snapshot or mounted.")
+
+    @OptionGroup var options: SocketOption
+
+    @Argument(help: "The routed device: its node (/dev/loop64) or major:minor.")
+    var device: String
+
+    func run() throws {
+        struct Request: Codable { var device: String }
+        let client = try ControlClient(path: options.socket)
+        let (result, payload) = try client.request(type: BLKSNAP_CONTROL_DETACH.rawValue,
+                                                   payload: Array(try JSONEncoder().encode(Request(device: device))))
+        guard result == 0 else { throw failure("detach", result, payload) }
+    }
+}
+
 struct Exec: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run a command with the blksnap preload shim, so its /dev/blksnap reaches blksnapd.",
@@ -101,8 +163,10 @@ struct Exec: ParsableCommand {
         let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
         let exe = n > 0 ? String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : ""
         let dir = exe.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
+        // .build/debug is a link to .build/<triple>/debug, so the build
+        // tree's preload folder is one or two levels up.
         let candidates = [dir + "/libblksnap-preload.so", dir + "/../preload/libblksnap-preload.so",
-                          "/usr/local/lib/blksnap/libblksnap-preload.so"]
+                          dir + "/../../preload/libblksnap-preload.so", "/usr/local/lib/blksnap/libblksnap-preload.so"]
         guard let found = candidates.first(where: { access($0, R_OK) == 0 }) else {
             throw Failure(description: "no libblksnap-preload.so found (looked in \(candidates.joined(separator: ", "))); "
                           + "build it with tools/build-preload or pass --preload")

@@ -1,6 +1,10 @@
 import ArgumentParser
+import BlksnapABI
 import BlksnapEngine
+import BlksnapFUSE
 import BlksnapShimServer
+import CBlksnapABI
+import FoundationEssentials
 import Logging
 #if canImport(Glibc)
 import Glibc
@@ -78,9 +82,15 @@ struct Blksnapd: ParsableCommand {
         sigaddset(&signals, SIGTERM)
         pthread_sigmask(SIG_BLOCK, &signals, nil)
 
-        let engine = Engine(settings: settings, logger: logger)
+        // Routed devices and images: FUSE files with loop devices on them.
+        let dataPlane = FuseLoopDataPlane(mountpoint: stateDir + "/devices", logger: logger)
+        let engine = Engine(settings: settings, hooks: dataPlane, logger: logger)
+        try dataPlane.start(engine: engine)
+        defer { dataPlane.stop() }
         let control = Control(engine: engine)
         let server = ControlServer(path: stateDir + "/control.sock", control: control, logger: logger)
+        let requestLogger = logger
+        server.deviceRequests = { type, payload in DeviceRequests.answer(type, payload, dataPlane, logger: requestLogger) }
         try server.start()
         logger.info("blksnapd: engine ready (diff-storage-minimum \(settings.diffStorageMinimum) sectors, state in \(stateDir))")
 
@@ -124,5 +134,35 @@ struct StateDirectory {
     func release() {
         unlink(lockPath)
         close(lockFd)
+    }
+}
+
+/// blksnapctl attach and detach, as JSON over the control socket.
+enum DeviceRequests {
+    struct Attach: Codable { var backing: String; var size: UInt64? }
+    struct Detach: Codable { var device: String }
+    struct Message: Codable { var error: String }
+
+    static func answer(_ type: UInt32, _ payload: [UInt8], _ plane: FuseLoopDataPlane, logger: Logger) -> (Int32, [UInt8]) {
+        do {
+            switch type {
+            case BLKSNAP_CONTROL_ATTACH.rawValue:
+                let request = try JSONDecoder().decode(Attach.self, from: Data(payload))
+                let attached = try plane.attach(backingPath: request.backing, size: request.size)
+                return (0, Array(try JSONEncoder().encode(attached)))
+            default:
+                let request = try JSONDecoder().decode(Detach.self, from: Data(payload))
+                guard let devId = plane.resolve(request.device) else {
+                    throw BlksnapError(.noSuchAddressOrDevice, "\(request.device) is not a routed device")
+                }
+                try plane.detach(devId)
+                return (0, [])
+            }
+        } catch let error as BlksnapError {
+            logger.error("blksnapd: \(error)")
+            return (-error.errno.rawValue, Array((try? JSONEncoder().encode(Message(error: error.message))) ?? Data()))
+        } catch {
+            return (-EINVAL, Array((try? JSONEncoder().encode(Message(error: "malformed request: \(error)"))) ?? Data()))
+        }
     }
 }

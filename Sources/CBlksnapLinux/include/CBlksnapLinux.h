@@ -8,6 +8,7 @@
 
 #include <stdint.h>
 #include <sys/types.h>
+#include <linux/loop.h>
 
 extern const int blksnap_o_direct;
 
@@ -20,5 +21,18 @@ int blksnap_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid);
 
 /* accept4(fd, NULL, NULL, SOCK_CLOEXEC). */
 int blksnap_accept_cloexec(int fd);
+
+/* Block and filesystem ioctls whose numbers are function-like macros. */
+extern const unsigned long blksnap_ioctl_fifreeze;
+extern const unsigned long blksnap_ioctl_fithaw;
+extern const unsigned long blksnap_ioctl_blkflsbuf;
+extern const unsigned long blksnap_ioctl_blkgetsize64;
+
+int blksnap_syncfs(int fd);
+
+/* makedev/major/minor are macros in glibc. */
+dev_t blksnap_makedev(unsigned int major, unsigned int minor);
+unsigned int blksnap_major(dev_t dev);
+unsigned int blksnap_minor(dev_t dev);
 
 #endif

@@ -1,0 +1,322 @@
+import BlksnapEngine
+import CFuse3
+import Logging
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A FUSE filesystem (libfuse3 lowlevel, multithreaded) whose files are
+/// block devices of the engine: routed devices and snapshot images. A loop
+/// device on each file makes it a real block device on kernels without
+/// NBD; every write the kernel sends that loop device arrives here, in
+/// `write`, and goes to the engine before the backing store.
+///
+/// Files are opened direct_io so the kernel keeps no page cache of its own
+/// for them: the loop device's is the only one, and each write reaches the
+/// engine once.
+public final class DeviceFilesystem: @unchecked Sendable {
+    final class Entry {
+        let ino: fuse_ino_t
+        let name: String
+        let device: any BlockDevice
+        let readOnly: Bool
+        init(ino: fuse_ino_t, name: String, device: any BlockDevice, readOnly: Bool) {
+            (self.ino, self.name, self.device, self.readOnly) = (ino, name, device, readOnly)
+        }
+    }
+
+    public let mountpoint: String
+    let logger: Logger
+    private let lock = Lock()
+    private var entries: [fuse_ino_t: Entry] = [:]
+    private var byName: [String: fuse_ino_t] = [:]
+    private var nextIno: fuse_ino_t = 2
+    private var session: OpaquePointer?
+    private var finished = Condition()
+    private var running = false
+
+    /// The largest request the kernel may send: large enough that a 1 MiB
+    /// write from the loop device is one request.
+    static let maxRequest: UInt32 = 1 << 20
+
+    public init(mountpoint: String, logger: Logger) {
+        self.mountpoint = mountpoint
+        self.logger = logger
+    }
+
+    // MARK: files
+
+    /// Adds a file backed by `device`; returns its path.
+    public func add(name: String, device: any BlockDevice, readOnly: Bool = false) throws(BlksnapError) -> String {
+        try lock.withLock { () throws(BlksnapError) in
+            guard byName[name] == nil else { throw BlksnapError(.fileExists, "\(name) exists in \(mountpoint)") }
+            let ino = nextIno
+            nextIno += 1
+            entries[ino] = Entry(ino: ino, name: name, device: device, readOnly: readOnly)
+            byName[name] = ino
+        }
+        return mountpoint + "/" + name
+    }
+
+    public func remove(name: String) {
+        lock.withLock {
+            if let ino = byName.removeValue(forKey: name) { entries[ino] = nil }
+        }
+    }
+
+    func entry(_ ino: fuse_ino_t) -> Entry? { lock.withLock { entries[ino] } }
+    func entry(named name: String) -> Entry? { lock.withLock { byName[name].flatMap { entries[$0] } } }
+    var allEntries: [Entry] { lock.withLock { entries.values.sorted { $0.ino < $1.ino } } }
+
+    // MARK: session
+
+    /// Mounts at `mountpoint` and serves on several threads in the background.
+    public func start() throws(BlksnapError) {
+        mkdir(mountpoint, 0o700)
+        var ops = fuse_lowlevel_ops()
+        ops.`init` = { userdata, conn in
+            guard let conn else { return }
+            conn.pointee.max_write = DeviceFilesystem.maxRequest
+            conn.pointee.max_readahead = DeviceFilesystem.maxRequest
+        }
+        ops.lookup = { req, parent, name in DeviceFilesystem.of(req).lookup(req, parent, name!) }
+        ops.getattr = { req, ino, _ in DeviceFilesystem.of(req).getattr(req, ino) }
+        ops.setattr = { req, ino, attr, toSet, _ in DeviceFilesystem.of(req).setattr(req, ino, attr!, toSet) }
+        ops.open = { req, ino, fi in DeviceFilesystem.of(req).open(req, ino, fi!) }
+        ops.read = { req, ino, size, off, _ in DeviceFilesystem.of(req).read(req, ino, size, off) }
+        ops.write = { req, ino, buf, size, off, _ in DeviceFilesystem.of(req).write(req, ino, buf!, size, off) }
+        ops.flush = { req, _, _ in fuse_reply_err(req, 0) }
+        ops.release = { req, _, _ in fuse_reply_err(req, 0) }
+        ops.fsync = { req, ino, _, _ in DeviceFilesystem.of(req).fsync(req, ino) }
+        ops.fallocate = { req, ino, mode, off, len, _ in DeviceFilesystem.of(req).fallocate(req, ino, mode, off, len) }
+        ops.readdir = { req, ino, size, off, _ in DeviceFilesystem.of(req).readdir(req, ino, size, off) }
+        ops.opendir = { req, ino, fi in
+            ino == fuse_ino_t(FUSE_ROOT_ID) ? fuse_reply_open(req, fi) : fuse_reply_err(req, ENOTDIR)
+        }
+        ops.releasedir = { req, _, _ in fuse_reply_err(req, 0) }
+
+        let argv0 = strdup("blksnapd")
+        defer { free(argv0) }
+        var argvArray: [UnsafeMutablePointer<CChar>?] = [argv0, nil]
+        let se = argvArray.withUnsafeMutableBufferPointer { argv -> OpaquePointer? in
+            var args = fuse_args(argc: 1, argv: argv.baseAddress, allocated: 0)
+            return fuse_session_new(&args, &ops, MemoryLayout<fuse_lowlevel_ops>.size,
+                                    Unmanaged.passUnretained(self).toOpaque())
+        }
+        guard let se else { throw BlksnapError(.noSuchFileOrDirectory, "cannot create a FUSE session (is /dev/fuse there?)") }
+        guard fuse_session_mount(se, mountpoint) == 0 else {
+            fuse_session_destroy(se)
+            throw BlksnapError(.noSuchFileOrDirectory, "cannot mount the device filesystem at \(mountpoint)")
+        }
+        lock.withLock {
+            session = se
+            running = true
+        }
+        let box = Unmanaged.passRetained(self)
+        var thread = pthread_t()
+        pthread_create(&thread, nil, { arg in
+            let fs = Unmanaged<DeviceFilesystem>.fromOpaque(arg!).takeRetainedValue()
+            var config = fuse_loop_config(clone_fd: 1, max_idle_threads: 16)
+            let se = fs.lock.withLock { fs.session! }
+            _ = fuse_session_loop_mt_32(se, &config)
+            fs.lock.withLock {
+                fs.running = false
+                fs.finished.broadcast()
+            }
+            return nil
+        }, box.toOpaque())
+        pthread_detach(thread)
+        logger.info("blksnapd: device filesystem mounted at \(mountpoint)")
+    }
+
+    /// Unmounts and waits for the serving threads to end.
+    public func stop() {
+        guard let se = lock.withLock({ session }) else { return }
+        fuse_session_exit(se)
+        fuse_session_unmount(se)
+        lock.withLock {
+            while running { finished.wait(lock) }
+            session = nil
+        }
+        fuse_session_destroy(se)
+    }
+
+    // MARK: requests
+
+    static func of(_ req: fuse_req_t?) -> DeviceFilesystem {
+        Unmanaged<DeviceFilesystem>.fromOpaque(fuse_req_userdata(req)!).takeUnretainedValue()
+    }
+
+    private func attributes(_ e: Entry) -> stat {
+        var st = stat()
+        st.st_ino = __ino_t(e.ino)
+        st.st_mode = S_IFREG | (e.readOnly ? 0o400 : 0o600)
+        st.st_nlink = 1
+        st.st_size = off_t(e.device.size)
+        st.st_blksize = 4096
+        st.st_blocks = blkcnt_t((e.device.size + 511) / 512)
+        return st
+    }
+
+    private func rootAttributes() -> stat {
+        var st = stat()
+        st.st_ino = __ino_t(FUSE_ROOT_ID)
+        st.st_mode = S_IFDIR | 0o700
+        st.st_nlink = 2
+        return st
+    }
+
+    private func lookup(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePointer<CChar>) {
+        guard parent == fuse_ino_t(FUSE_ROOT_ID), let e = entry(named: String(cString: name)) else {
+            fuse_reply_err(req, ENOENT)
+            return
+        }
+        var param = fuse_entry_param()
+        param.ino = e.ino
+        param.attr = attributes(e)
+        param.attr_timeout = 1
+        param.entry_timeout = 1
+        fuse_reply_entry(req, &param)
+    }
+
+    private func getattr(_ req: fuse_req_t?, _ ino: fuse_ino_t) {
+        var st: stat
+        if ino == fuse_ino_t(FUSE_ROOT_ID) {
+            st = rootAttributes()
+        } else if let e = entry(ino) {
+            st = attributes(e)
+        } else {
+            fuse_reply_err(req, ENOENT)
+            return
+        }
+        fuse_reply_attr(req, &st, 1)
+    }
+
+    /// Devices have a fixed size: only no-op changes (touch, chmod) pass.
+    private func setattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ attr: UnsafeMutablePointer<stat>, _ toSet: Int32) {
+        guard let e = entry(ino) else { fuse_reply_err(req, ENOENT); return }
+        if toSet & FUSE_SET_ATTR_SIZE != 0 && UInt64(attr.pointee.st_size) != e.device.size {
+            fuse_reply_err(req, EPERM)
+            return
+        }
+        var st = attributes(e)
+        fuse_reply_attr(req, &st, 1)
+    }
+
+    private func open(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>) {
+        guard let e = entry(ino) else { fuse_reply_err(req, ENOENT); return }
+        if e.readOnly && fi.pointee.flags & O_ACCMODE != O_RDONLY {
+            fuse_reply_err(req, EROFS)
+            return
+        }
+        fi.pointee.direct_io = 1
+        fi.pointee.keep_cache = 0
+        fuse_reply_open(req, fi)
+    }
+
+    private func reply(_ req: fuse_req_t?, _ error: BlksnapError) {
+        logger.debug("blksnap-fuse: \(error)")
+        fuse_reply_err(req, error.errno.rawValue)
+    }
+
+    private func read(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _ off: off_t) {
+        guard let e = entry(ino) else { fuse_reply_err(req, ENOENT); return }
+        let offset = UInt64(off)
+        guard offset < e.device.size else { fuse_reply_buf(req, nil, 0); return }
+        let count = Int(min(UInt64(size), e.device.size - offset))
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 4096)
+        defer { buffer.deallocate() }
+        do throws(BlksnapError) {
+            try e.device.read(into: buffer, at: offset)
+            fuse_reply_buf(req, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), count)
+        } catch {
+            reply(req, error)
+        }
+    }
+
+    private func write(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ buf: UnsafePointer<CChar>, _ size: Int, _ off: off_t) {
+        guard let e = entry(ino) else { fuse_reply_err(req, ENOENT); return }
+        guard !e.readOnly else { fuse_reply_err(req, EROFS); return }
+        let offset = UInt64(off)
+        guard offset <= e.device.size, UInt64(size) <= e.device.size - offset else {
+            fuse_reply_err(req, ENOSPC)
+            return
+        }
+        do throws(BlksnapError) {
+            try e.device.write(UnsafeRawBufferPointer(start: buf, count: size), at: offset)
+            fuse_reply_write(req, size)
+        } catch {
+            reply(req, error)
+        }
+    }
+
+    private func fsync(_ req: fuse_req_t?, _ ino: fuse_ino_t) {
+        guard let e = entry(ino) else { fuse_reply_err(req, ENOENT); return }
+        do throws(BlksnapError) {
+            try e.device.flush()
+            fuse_reply_err(req, 0)
+        } catch {
+            reply(req, error)
+        }
+    }
+
+    /// The loop driver turns discards into hole punches and zeroing into
+    /// zero-range requests; both change what the device reads back.
+    private func fallocate(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ mode: Int32, _ off: off_t, _ len: off_t) {
+        guard let e = entry(ino) else { fuse_reply_err(req, ENOENT); return }
+        guard !e.readOnly else { fuse_reply_err(req, EROFS); return }
+        let punch: Int32 = 0x02, zeroRange: Int32 = 0x10, keepSize: Int32 = 0x01
+        let offset = UInt64(off), length = UInt64(len)
+        guard offset <= e.device.size, length <= e.device.size - offset else {
+            fuse_reply_err(req, mode & keepSize != 0 ? 0 : EFBIG)
+            return
+        }
+        do throws(BlksnapError) {
+            if mode & punch != 0 || mode & zeroRange != 0 {
+                try zero(e.device, offset: offset, length: length, discard: mode & punch != 0)
+            }
+            fuse_reply_err(req, 0)
+        } catch {
+            reply(req, error)
+        }
+    }
+
+    private func zero(_ device: any BlockDevice, offset: UInt64, length: UInt64, discard: Bool) throws(BlksnapError) {
+        if discard, device is RoutedDevice {
+            try device.discard(at: offset, length: length)
+            return
+        }
+        // Images (and zero-range) get real zeros: a discard must read back as zeros.
+        let step = 1 << 20
+        let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: step, alignment: 4096)
+        defer { zeros.deallocate() }
+        zeros.initializeMemory(as: UInt8.self, repeating: 0)
+        var done: UInt64 = 0
+        while done < length {
+            let n = Int(min(UInt64(step), length - done))
+            try device.write(UnsafeRawBufferPointer(rebasing: zeros[0..<n]), at: offset + done)
+            done += UInt64(n)
+        }
+    }
+
+    private func readdir(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _ off: off_t) {
+        guard ino == fuse_ino_t(FUSE_ROOT_ID) else { fuse_reply_err(req, ENOTDIR); return }
+        var names: [(String, fuse_ino_t)] = [(".", fuse_ino_t(FUSE_ROOT_ID)), ("..", fuse_ino_t(FUSE_ROOT_ID))]
+        names += allEntries.map { ($0.name, $0.ino) }
+        let buffer = UnsafeMutablePointer<CChar>.allocate(capacity: size)
+        defer { buffer.deallocate() }
+        var used = 0
+        var index = Int(off)
+        while index < names.count {
+            var st = stat()
+            st.st_ino = __ino_t(names[index].1)
+            st.st_mode = index < 2 ? S_IFDIR : S_IFREG
+            let need = fuse_add_direntry(req, buffer + used, size - used, names[index].0, &st, off_t(index + 1))
+            if need > size - used { break }
+            used += need
+            index += 1
+        }
+        fuse_reply_buf(req, buffer, used)
+    }
+}
