@@ -21,6 +21,7 @@ let package = Package(
         .target(name: "CBlksnapABI"),
         .target(name: "CBlksnapLinux"),
         .systemLibrary(name: "CFuse3", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
+        .systemLibrary(name: "CLibnbd", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
         .target(
             name: "BlksnapABI",
             dependencies: [
@@ -39,6 +40,7 @@ let package = Package(
         ),
         // Frontends: each a way into the engine, holding no blksnap logic.
         .target(name: "BlksnapCUSE", dependencies: ["BlksnapEngine", "CBlksnapABI", "CFuse3"]),
+        .target(name: "BlksnapLibnbd", dependencies: ["BlksnapEngine", "CLibnbd"]),
         .target(name: "BlksnapFUSE", dependencies: ["BlksnapEngine", "CFuse3", "CBlksnapLinux"]),
         .target(name: "BlksnapShimServer", dependencies: ["BlksnapEngine", "CBlksnapABI", "CBlksnapLinux"]),
         .executableTarget(
@@ -47,6 +49,7 @@ let package = Package(
                 "BlksnapEngine",
                 "BlksnapCUSE",
                 "BlksnapFUSE",
+                "BlksnapLibnbd",
                 "BlksnapShimServer",
                 "CBlksnapABI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -73,7 +73,6 @@ public final class FuseLoopDataPlane: SnapshotHooks, @unchecked Sendable {
     /// Routes `backing` (a regular file or a block device, opened O_EXCL so
     /// a mounted or held disk is refused) and returns its new block device.
     public func attach(backingPath: String, size: UInt64? = nil) throws(BlksnapError) -> Attached {
-        guard let engine = lock.withLock({ engine }) else { throw BlksnapError(.ioError, "the data plane is not started") }
         var st = stat()
         if stat(backingPath, &st) != 0, errno == ENOENT, size != nil {
             // A new image file: created here, grown below.
@@ -95,7 +94,14 @@ public final class FuseLoopDataPlane: SnapshotHooks, @unchecked Sendable {
         } catch where error.errno == .resourceBusy {
             throw BlksnapError(.resourceBusy, "\(backingPath) is mounted or held by another program; unmount it first")
         }
-        guard backing.size >= 4096 else { throw BlksnapError(.invalidArgument, "\(backingPath) is too small to be a disk") }
+        return try attach(backing: backing, label: backingPath)
+    }
+
+    /// Routes an opened store (a file, a block device, an NBD export) and
+    /// returns its new block device.
+    public func attach(backing: any BlockDevice, label: String) throws(BlksnapError) -> Attached {
+        guard let engine = lock.withLock({ engine }) else { throw BlksnapError(.ioError, "the data plane is not started") }
+        guard backing.size >= 4096 else { throw BlksnapError(.invalidArgument, "\(label) is too small to be a disk") }
         let name = nextName("routed")
         let index = try LoopDevice.addFree(atOrAbove: routedBase)
         let devId: DevId
@@ -114,9 +120,9 @@ public final class FuseLoopDataPlane: SnapshotHooks, @unchecked Sendable {
             LoopDevice.remove(index)
             throw error
         }
-        lock.withLock { routed[devId] = Routed(index: index, name: name, devId: devId, backing: backingPath) }
-        logger.info("blksnapd: \(LoopDevice.path(index)) (\(devId)) routes \(backingPath)")
-        return Attached(node: LoopDevice.path(index), devId: devId.description, backing: backingPath, sizeBytes: backing.size)
+        lock.withLock { routed[devId] = Routed(index: index, name: name, devId: devId, backing: label) }
+        logger.info("blksnapd: \(LoopDevice.path(index)) (\(devId)) routes \(label)")
+        return Attached(node: LoopDevice.path(index), devId: devId.description, backing: label, sizeBytes: backing.size)
     }
 
     /// Undoes attach: refused while the device is in a snapshot or mounted;

@@ -78,15 +78,17 @@ struct Attach: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Route a disk through the engine and print its new block device.",
         discussion: """
-            BACKING is a regular file (grown to --size if smaller) or a block \
-            device (refused when mounted or held elsewhere). Prints the new \
+            BACKING is a regular file (grown to --size if smaller), a block \
+            device (refused when mounted or held elsewhere), or an NBD URI \
+            (nbd://host/export, nbd+unix:///export?socket=PATH) of a disk \
+            another NBD server exports. Prints the new \
             device node and its major:minor; track and snapshot that device, \
             and use it instead of BACKING from now on.
             """)
 
     @OptionGroup var options: SocketOption
 
-    @Argument(help: "The file or block device to route.")
+    @Argument(help: "The file, block device or NBD URI to route.")
     var backing: String
 
     @Option(help: "Size in bytes for a regular file (grown if smaller).")
@@ -94,7 +96,7 @@ struct Attach: ParsableCommand {
 
     func run() throws {
         var path = backing
-        if !path.hasPrefix("/") {
+        if !path.hasPrefix("/") && !path.contains("://") {
             var cwd = [CChar](repeating: 0, count: 4096)
             path = String(cString: getcwd(&cwd, cwd.count)) + "/" + path
         }

@@ -2,6 +2,7 @@ import ArgumentParser
 import BlksnapABI
 import BlksnapEngine
 import BlksnapFUSE
+import BlksnapLibnbd
 import BlksnapShimServer
 import CBlksnapABI
 import FoundationEssentials
@@ -148,7 +149,12 @@ enum DeviceRequests {
             switch type {
             case BLKSNAP_CONTROL_ATTACH.rawValue:
                 let request = try JSONDecoder().decode(Attach.self, from: Data(payload))
-                let attached = try plane.attach(backingPath: request.backing, size: request.size)
+                let attached: FuseLoopDataPlane.Attached
+                if ["nbd://", "nbds://", "nbd+unix://", "nbds+unix://", "nbd+vsock://"].contains(where: request.backing.hasPrefix) {
+                    attached = try plane.attach(backing: NbdBlockDevice(uri: request.backing), label: request.backing)
+                } else {
+                    attached = try plane.attach(backingPath: request.backing, size: request.size)
+                }
                 return (0, Array(try JSONEncoder().encode(attached)))
             default:
                 let request = try JSONDecoder().decode(Detach.self, from: Data(payload))
