@@ -43,6 +43,15 @@ let package = Package(
         .target(name: "BlksnapLibnbd", dependencies: ["BlksnapEngine", "CLibnbd"]),
         .target(name: "BlksnapFUSE", dependencies: ["BlksnapEngine", "CFuse3", "CBlksnapLinux"]),
         .target(name: "BlksnapShimServer", dependencies: ["BlksnapEngine", "CBlksnapABI", "CBlksnapLinux"]),
+        .target(
+            name: "BlksnapNBD",
+            dependencies: [
+                "BlksnapEngine",
+                "BlksnapABI",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
         .executableTarget(
             name: "blksnapd",
             dependencies: [
@@ -50,6 +59,7 @@ let package = Package(
                 "BlksnapCUSE",
                 "BlksnapFUSE",
                 "BlksnapLibnbd",
+                "BlksnapNBD",
                 "BlksnapShimServer",
                 "CBlksnapABI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -65,6 +75,16 @@ let package = Package(
             ]
         ),
         .executableTarget(
+            name: "blksnap-nbd-serve",
+            dependencies: [
+                "BlksnapNBD",
+                "BlksnapEngine",
+                "BlksnapABI",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
             name: "blksnap-bench-engine",
             dependencies: ["BlksnapEngine"],
             path: "Sources/BenchEngine",
@@ -74,6 +94,7 @@ let package = Package(
         .testTarget(name: "BlksnapABITests", dependencies: ["BlksnapABI", "CBlksnapABI"]),
         .testTarget(name: "BlksnapEngineTests", dependencies: ["BlksnapEngine", "BlksnapABI", "CBlksnapABI"]),
         .testTarget(name: "BlksnapCUSETests", dependencies: ["BlksnapCUSE", "BlksnapEngine", "BlksnapABI", "CBlksnapABI"]),
+        .testTarget(name: "BlksnapNBDTests", dependencies: ["BlksnapNBD", "BlksnapEngine", "BlksnapABI"]),
         .testTarget(name: "BlksnapShimServerTests", dependencies: ["BlksnapShimServer", "BlksnapEngine", "BlksnapABI", "CBlksnapABI"]),
     ]
 )

@@ -34,9 +34,23 @@ public struct EngineStatus: Codable, Sendable, Equatable {
         public var storageRequestedSectors: UInt64
         public var images: [Image]
     }
+    /// What blksnapd exports over NBD: one per routed device and image.
+    public struct ExportInfo: Codable, Sendable, Equatable {
+        public var name: String
+        public var devId: String
+        public var uri: String
+        public init(name: String, devId: String, uri: String) {
+            (self.name, self.devId, self.uri) = (name, devId, uri)
+        }
+    }
     public var devices: [Device]
     public var trackers: [TrackerInfo]
     public var snapshots: [SnapshotInfo]
+    public var exports: [ExportInfo] = []
+
+    public init(devices: [Device], trackers: [TrackerInfo], snapshots: [SnapshotInfo], exports: [ExportInfo] = []) {
+        (self.devices, self.trackers, self.snapshots, self.exports) = (devices, trackers, snapshots, exports)
+    }
 }
 
 /// Something that can say what a backing store is, for status.

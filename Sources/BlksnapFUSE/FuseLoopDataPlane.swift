@@ -28,6 +28,17 @@ public final class FuseLoopDataPlane: SnapshotHooks, @unchecked Sendable {
         let backing: String
     }
 
+    /// A block device this plane made or removed, for whoever also exports
+    /// it (blksnapd's NBD server). Names are the kernel's: loop64,
+    /// blksnap-image0.
+    public enum DeviceEvent: Sendable {
+        case added(name: String, device: any BlockDevice, devId: DevId, original: DevId?)
+        case removed(name: String)
+    }
+
+    /// Called after a device appears and before it goes.
+    public var onDevice: (@Sendable (DeviceEvent) -> Void)?
+
     public let filesystem: DeviceFilesystem
     public let routedBase: Int
     let logger: Logger
@@ -122,6 +133,9 @@ public final class FuseLoopDataPlane: SnapshotHooks, @unchecked Sendable {
         }
         lock.withLock { routed[devId] = Routed(index: index, name: name, devId: devId, backing: label) }
         logger.info("blksnapd: \(LoopDevice.path(index)) (\(devId)) routes \(label)")
+        if let device = engine.routedDevice(devId) {
+            onDevice?(.added(name: "loop\(index)", device: device, devId: devId, original: nil))
+        }
         return Attached(node: LoopDevice.path(index), devId: devId.description, backing: label, sizeBytes: backing.size)
     }
 
@@ -141,6 +155,7 @@ public final class FuseLoopDataPlane: SnapshotHooks, @unchecked Sendable {
             close(node)
         }
         try engine.unroute(devId)   // refuses a device in a snapshot, before anything is undone
+        onDevice?(.removed(name: "loop\(r.index)"))
         LoopDevice.detach(r.index)
         filesystem.remove(name: r.name)
         LoopDevice.remove(r.index)
@@ -200,11 +215,13 @@ public final class FuseLoopDataPlane: SnapshotHooks, @unchecked Sendable {
         var st = stat()
         if lstat(link, &st) != 0, symlink("../loop\(index)", link) == 0 { nodes.append(link) }
         lock.withLock { images[ObjectIdentifier(image)] = (index, name, nodes) }
+        onDevice?(.added(name: "blksnap-image\(devId.minor)", device: image, devId: devId, original: image.originalDevId))
         return devId
     }
 
     public func withdraw(_ image: SnapImage) {
         guard let entry = lock.withLock({ images.removeValue(forKey: ObjectIdentifier(image)) }) else { return }
+        onDevice?(.removed(name: "blksnap-image\(image.devId.minor)"))
         teardownImage(entry.index, nodes: entry.nodes)
         filesystem.remove(name: entry.name)
     }

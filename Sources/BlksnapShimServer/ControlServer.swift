@@ -25,6 +25,8 @@ public final class ControlServer: @unchecked Sendable {
     private var listener: Int32 = -1
     private var connections: Set<Int32> = []
     private var stopped = false
+    /// The picture STATUS sends; the daemon adds what only it knows.
+    public var status: (@Sendable () -> EngineStatus)?
     /// Answers ATTACH and DETACH (the data plane); nil refuses them.
     public var deviceRequests: (@Sendable (UInt32, [UInt8]) -> (Int32, [UInt8]))?
 
@@ -171,7 +173,8 @@ public final class ControlServer: @unchecked Sendable {
             guard allowed else { return Self.reply(result: -Errno.permissionDenied.rawValue) }
             switch request.type {
             case BLKSNAP_CONTROL_STATUS.rawValue:
-                let json = (try? JSONEncoder().encode(control.engine.status())).map { Array($0) } ?? []
+                let picture = status?() ?? control.engine.status()
+                let json = (try? JSONEncoder().encode(picture)).map { Array($0) } ?? []
                 return Self.reply(result: 0, payload: json)
             case BLKSNAP_CONTROL_ATTACH.rawValue, BLKSNAP_CONTROL_DETACH.rawValue:
                 guard let deviceRequests else {

@@ -62,7 +62,9 @@ struct Status: ParsableCommand {
         print(Table.render(title: "images", ["IMAGE", "ORIGINAL", "STORED CHUNKS", "CORRUPTED"],
                            status.snapshots.flatMap(\.images).map {
                                [$0.imageDevId, $0.originalDevId, "\($0.storedChunks)", $0.corrupted ? "yes" : "no"]
-                           }), terminator: "")
+                           }))
+        print(Table.render(title: "NBD exports", ["NAME", "DEVICE", "URI"],
+                           status.exports.map { [$0.name, $0.devId, $0.uri] }), terminator: "")
     }
 }
 

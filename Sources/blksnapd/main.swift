@@ -1,8 +1,10 @@
 import ArgumentParser
 import BlksnapABI
+import BlksnapCUSE
 import BlksnapEngine
 import BlksnapFUSE
 import BlksnapLibnbd
+import BlksnapNBD
 import BlksnapShimServer
 import CBlksnapABI
 import FoundationEssentials
@@ -27,6 +29,17 @@ struct Blksnapd: ParsableCommand {
     @Option(help: "Directory for the lock file and sockets.")
     var stateDir = "/run/blksnap"
 
+    enum Mode: String, ExpressibleByArgument, CaseIterable {
+        case auto, cuse, shim
+    }
+
+    @Option(help: """
+        How tools reach /dev/blksnap: cuse (a real character device; needs /dev/cuse), \
+        shim (the preload library over the control socket), or auto (cuse where \
+        /dev/cuse exists, else shim). The control socket serves in every mode.
+        """)
+    var mode: Mode = .auto
+
     @Option(help: "Sectors asked for at snapshot creation and in each low-free-space event (module: diff_storage_minimum).")
     var diffStorageMinimum: UInt64 = EngineSettings().diffStorageMinimum
 
@@ -44,6 +57,9 @@ struct Blksnapd: ParsableCommand {
 
     @Option(help: "Chunk buffers kept for reuse per device.")
     var chunkMaximumInCache: Int = EngineSettings().chunkMaximumInCache
+
+    @Option(help: "Also serve NBD over TCP at HOST:PORT (default: only the Unix socket nbd.sock in --state-dir).")
+    var nbdTcp: String?
 
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
@@ -88,17 +104,75 @@ struct Blksnapd: ParsableCommand {
         let engine = Engine(settings: settings, hooks: dataPlane, logger: logger)
         try dataPlane.start(engine: engine)
         defer { dataPlane.stop() }
+        // Every routed device and image is also an NBD export, named as its
+        // kernel device (loop64, blksnap-image0), with the CBT context.
+        let nbd = try Server(exports: [], logger: logger)
+        let nbdSocket = stateDir + "/nbd.sock"
+        try nbd.listen(unixSocket: nbdSocket)
+        if let nbdTcp {
+            let parts = nbdTcp.split(separator: ":")
+            guard parts.count == 2, let port = UInt16(parts[1]) else {
+                throw ValidationError("--nbd-tcp takes HOST:PORT, e.g. 127.0.0.1:10809")
+            }
+            _ = try nbd.listen(tcpHost: String(parts[0]), port: port)
+        }
+        defer { nbd.stop() }
+        let exports = ExportList()
+        let exportLogger = logger
+        dataPlane.onDevice = { [weak engine] event in
+            switch event {
+            case .added(let name, let device, let devId, let original):
+                guard let engine else { return }
+                let export = Export(name: name, description: "blksnap \(original == nil ? "routed device" : "snapshot image") \(devId)",
+                                    device: device, changes: Export.cbtSource(engine: engine, devId: original ?? devId))
+                do {
+                    try nbd.add(export)
+                    exports.add(EngineStatus.ExportInfo(name: name, devId: devId.description,
+                                                        uri: "nbd+unix:///\(name)?socket=\(nbdSocket)"))
+                } catch {
+                    exportLogger.error("blksnapd: cannot export \(name) over NBD: \(error)")
+                }
+            case .removed(let name):
+                nbd.remove(exportNamed: name)
+                exports.remove(name)
+            }
+        }
+
         let control = Control(engine: engine)
         let server = ControlServer(path: stateDir + "/control.sock", control: control, logger: logger)
+        server.status = { [weak engine] in
+            var status = engine?.status() ?? EngineStatus(devices: [], trackers: [], snapshots: [])
+            status.exports = exports.all
+            return status
+        }
         let requestLogger = logger
         server.deviceRequests = { type, payload in DeviceRequests.answer(type, payload, dataPlane, logger: requestLogger) }
         try server.start()
+        defer { server.stop() }
+
+        var cuse: CUSEDevice?
+        let wantCUSE = mode == .cuse || (mode == .auto && access("/dev/cuse", F_OK) == 0)
+        if wantCUSE {
+            let device = CUSEDevice(control: control)
+            do {
+                try device.start()
+                cuse = device
+                logger.info("blksnapd: serving \(device.devicePath) through CUSE")
+            } catch {
+                guard mode == .auto else { throw error }
+                logger.warning("blksnapd: no CUSE device (\(error)); tools reach blksnapd through the preload shim")
+            }
+        } else {
+            logger.info("blksnapd: no /dev/cuse; run tools with `blksnapctl exec -- TOOL` (the preload shim)")
+        }
+        defer { cuse?.stop() }
         logger.info("blksnapd: engine ready (diff-storage-minimum \(settings.diffStorageMinimum) sectors, state in \(stateDir))")
 
         var received: Int32 = 0
         sigwait(&signals, &received)
         logger.info("blksnapd: signal \(received), shutting down")
-        server.stop()
+        cuse?.stop()
+        cuse = nil
         engine.destroyAll()
         logger.info("blksnapd: stopped; every original device is intact")
     }
@@ -171,4 +245,13 @@ enum DeviceRequests {
             return (-EINVAL, Array((try? JSONEncoder().encode(Message(error: "malformed request: \(error)"))) ?? Data()))
         }
     }
+}
+
+/// The NBD exports of the moment, for status.
+final class ExportList: @unchecked Sendable {
+    private let lock = Lock()
+    private var list: [EngineStatus.ExportInfo] = []
+    func add(_ e: EngineStatus.ExportInfo) { lock.withLock { list.append(e) } }
+    func remove(_ name: String) { lock.withLock { list.removeAll { $0.name == name } } }
+    var all: [EngineStatus.ExportInfo] { lock.withLock { list } }
 }
