@@ -41,13 +41,16 @@ let package = Package(
         // Frontends: each a way into the engine, holding no blksnap logic.
         .target(name: "BlksnapCUSE", dependencies: ["BlksnapEngine", "CBlksnapABI", "CFuse3"]),
         .target(name: "BlksnapLibnbd", dependencies: ["BlksnapEngine", "CLibnbd"]),
-        .target(name: "BlksnapFUSE", dependencies: ["BlksnapEngine", "CFuse3", "CBlksnapLinux"]),
+        .target(name: "BlksnapDevices", dependencies: ["BlksnapEngine", "CBlksnapLinux"]),
+        .target(name: "BlksnapFUSE", dependencies: ["BlksnapEngine", "BlksnapDevices", "CFuse3", "CBlksnapLinux"]),
         .target(name: "BlksnapShimServer", dependencies: ["BlksnapEngine", "CBlksnapABI", "CBlksnapLinux"]),
         .target(
             name: "BlksnapNBD",
             dependencies: [
                 "BlksnapEngine",
                 "BlksnapABI",
+                "BlksnapDevices",
+                "CBlksnapLinux",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
@@ -57,6 +60,7 @@ let package = Package(
             dependencies: [
                 "BlksnapEngine",
                 "BlksnapCUSE",
+                "BlksnapDevices",
                 "BlksnapFUSE",
                 "BlksnapLibnbd",
                 "BlksnapNBD",
@@ -92,7 +96,10 @@ let package = Package(
             swiftSettings: [.swiftLanguageMode(.v5)]
         ),
         .testTarget(name: "BlksnapABITests", dependencies: ["BlksnapABI", "CBlksnapABI"]),
-        .testTarget(name: "BlksnapEngineTests", dependencies: ["BlksnapEngine", "BlksnapABI", "CBlksnapABI"]),
+        .testTarget(
+            name: "BlksnapEngineTests",
+            dependencies: ["BlksnapEngine", "BlksnapABI", "CBlksnapABI", .product(name: "Logging", package: "swift-log")]
+        ),
         .testTarget(name: "BlksnapCUSETests", dependencies: ["BlksnapCUSE", "BlksnapEngine", "BlksnapABI", "CBlksnapABI"]),
         .testTarget(name: "BlksnapNBDTests", dependencies: ["BlksnapNBD", "BlksnapEngine", "BlksnapABI"]),
         .testTarget(name: "BlksnapShimServerTests", dependencies: ["BlksnapShimServer", "BlksnapEngine", "BlksnapABI", "CBlksnapABI"]),

@@ -191,7 +191,7 @@ public struct Control: Sendable {
     private func setlog<M>(_ call: inout Call<M>) throws(BlksnapError) -> Int32 {
         let arg = try call.readArgument(SetLog.self)
         guard arg.filepath != 0 else {
-            engine.setLog(nil)
+            try engine.setLog(nil)
             return 0
         }
         guard arg.filepathSize > 0 else {
@@ -199,7 +199,7 @@ public struct Control: Sendable {
         }
         let raw = try call.readArray(UInt8.self, at: arg.filepath, count: arg.filepathSize)
         let path = String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
-        engine.setLog(Engine.LogConfig(level: arg.level, path: path, tzMinutesWest: arg.tzMinutesWest))
+        try engine.setLog(Engine.LogConfig(level: arg.level, path: path, tzMinutesWest: arg.tzMinutesWest))
         return 0
     }
 

@@ -19,6 +19,8 @@ public final class Engine: @unchecked Sendable {
     var trackerOrder: [DevId] = []
     var snapshots: [Snapshot] = []
     private var logConfig: LogConfig?
+    /// Where SETLOG sends the log; the daemon logs into it too.
+    public let logFile: LogFile
 
     /// What SETLOG last asked for; the daemon tees its log there.
     public struct LogConfig: Sendable, Equatable {
@@ -30,7 +32,9 @@ public final class Engine: @unchecked Sendable {
     public init(settings: EngineSettings = EngineSettings(),
                 host: any HostDevices = SysfsHostDevices(),
                 hooks: any SnapshotHooks = VirtualImages(),
-                logger: Logger = Logger(label: "blksnap")) {
+                logger: Logger = Logger(label: "blksnap"),
+                logFile: LogFile = LogFile()) {
+        self.logFile = logFile
         self.settings = settings
         self.host = host
         self.hooks = hooks
@@ -324,8 +328,10 @@ public final class Engine: @unchecked Sendable {
         return try image.sectorState(sector: sector)
     }
 
-    /// SETLOG: nil turns logging to a file off.
-    public func setLog(_ config: LogConfig?) {
+    /// SETLOG: nil turns logging to a file off. The file is opened at
+    /// once, so a path that cannot be written is refused with its errno.
+    public func setLog(_ config: LogConfig?) throws(BlksnapError) {
+        try logFile.configure(path: config?.path, level: config?.level ?? 0, tzMinutesWest: config?.tzMinutesWest ?? 0)
         lock.withLock { logConfig = config }
         if let config {
             logger.info("blksnap: logging to \(config.path) at level \(config.level)")

@@ -77,8 +77,12 @@ final class Connection: @unchecked Sendable {
     private var label: String { "nbd-connection[\(id)]" }
 
     /// Negotiates and serves until the client leaves; blocks the caller.
-    func run() {
-        switch Handshake(stream: stream, exports: exports, logger: logger).run() {
+    /// With `preNegotiated` (the kernel's nbd driver, which starts in the
+    /// transmission phase) there is no handshake.
+    func run(preNegotiated: Negotiated? = nil) {
+        let outcome = preNegotiated.map { Handshake.Outcome.transmission($0) }
+            ?? Handshake(stream: stream, exports: exports, logger: logger).run()
+        switch outcome {
         case .closed(let why):
             logger.debug("\(label): closed during the handshake: \(why)")
             return

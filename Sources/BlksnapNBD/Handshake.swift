@@ -11,7 +11,6 @@ struct Negotiated: Sendable {
     var transmissionFlags: UInt16
 }
 
-/// The exports a server offers, looked up by name.
 /// The exports a server offers. blksnapd adds and removes them as devices
 /// are attached and images come and go, so connections look names up at
 /// negotiation time under a lock; a connection keeps the export it chose.

@@ -229,6 +229,17 @@ public final class Server: @unchecked Sendable {
     /// end of a socketpair or a descriptor inherited from a supervisor.
     /// The server owns and closes `fd` from now on.
     public func serve(connectedSocket fd: Int32) {
+        serve(fd, preNegotiated: nil)
+    }
+
+    /// Serves the kernel's nbd driver on one end of a socketpair: it skips
+    /// the handshake and speaks simple replies, so `export` is fixed here.
+    public func serveKernel(connectedSocket fd: Int32, export: Export) {
+        serve(fd, preNegotiated: Negotiated(export: export, structuredReplies: false, metaContexts: [],
+                                           transmissionFlags: export.transmissionFlags(structuredReplies: false)))
+    }
+
+    private func serve(_ fd: Int32, preNegotiated: Negotiated?) {
         let stream = SocketStream(fd: fd)
         let id: Int? = lock.withLock {
             guard !stopping else { return nil }
@@ -242,7 +253,8 @@ public final class Server: @unchecked Sendable {
             return
         }
         startThread { [self] in
-            Connection(id: id, stream: stream, exports: exports, limits: limits, logger: logger).run()
+            Connection(id: id, stream: stream, exports: exports, limits: limits, logger: logger)
+                .run(preNegotiated: preNegotiated)
             stream.close()
             lock.withLock { connections[id] = nil }
             threadDone()

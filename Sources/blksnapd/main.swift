@@ -1,6 +1,7 @@
 import ArgumentParser
 import BlksnapABI
 import BlksnapCUSE
+import BlksnapDevices
 import BlksnapEngine
 import BlksnapFUSE
 import BlksnapLibnbd
@@ -39,6 +40,17 @@ struct Blksnapd: ParsableCommand {
         /dev/cuse exists, else shim). The control socket serves in every mode.
         """)
     var mode: Mode = .auto
+
+    enum Devices: String, ExpressibleByArgument, CaseIterable {
+        case auto, nbd, fuse
+    }
+
+    @Option(help: """
+        What routed devices and images are: nbd (kernel NBD devices; needs the nbd \
+        driver, loaded with max_part=0), fuse (a FUSE file with a loop device on it), \
+        or auto (nbd where the driver is loaded, else fuse).
+        """)
+    var devices: Devices = .auto
 
     @Option(help: "Sectors asked for at snapshot creation and in each low-free-space event (module: diff_storage_minimum).")
     var diffStorageMinimum: UInt64 = EngineSettings().diffStorageMinimum
@@ -84,7 +96,11 @@ struct Blksnapd: ParsableCommand {
     }
 
     func run() throws {
-        LoggingSystem.bootstrap(StreamLogHandler.standardError)
+        // stderr always; the SETLOG file too once a tool asks for one.
+        let logFile = LogFile()
+        LoggingSystem.bootstrap { label in
+            MultiplexLogHandler([StreamLogHandler.standardError(label: label), LogFileHandler(file: logFile)])
+        }
         var logger = Logger(label: "blksnapd")
         logger.logLevel = Logger.Level(rawValue: logLevel)!
 
@@ -99,13 +115,8 @@ struct Blksnapd: ParsableCommand {
         sigaddset(&signals, SIGTERM)
         pthread_sigmask(SIG_BLOCK, &signals, nil)
 
-        // Routed devices and images: FUSE files with loop devices on them.
-        let dataPlane = FuseLoopDataPlane(mountpoint: stateDir + "/devices", logger: logger)
-        let engine = Engine(settings: settings, hooks: dataPlane, logger: logger)
-        try dataPlane.start(engine: engine)
-        defer { dataPlane.stop() }
         // Every routed device and image is also an NBD export, named as its
-        // kernel device (loop64, blksnap-image0), with the CBT context.
+        // kernel device (loop64, nbd15, blksnap-image0), with the CBT context.
         let nbd = try Server(exports: [], logger: logger)
         let nbdSocket = stateDir + "/nbd.sock"
         try nbd.listen(unixSocket: nbdSocket)
@@ -117,6 +128,17 @@ struct Blksnapd: ParsableCommand {
             _ = try nbd.listen(tcpHost: String(parts[0]), port: port)
         }
         defer { nbd.stop() }
+
+        // Routed devices and images: kernel NBD devices where the kernel
+        // has them, else FUSE files with loop devices on them.
+        let useNbd = devices == .nbd || (devices == .auto && KernelNbdDevices.available)
+        let maker: any DeviceMaker = useNbd
+            ? KernelNbdDevices(server: nbd, logger: logger)
+            : FuseLoopDevices(mountpoint: stateDir + "/devices", logger: logger)
+        let dataPlane = DataPlane(maker: maker, logger: logger)
+        let engine = Engine(settings: settings, hooks: dataPlane, logger: logger, logFile: logFile)
+        try dataPlane.start(engine: engine)
+        defer { dataPlane.stop() }
         let exports = ExportList()
         let exportLogger = logger
         dataPlane.onDevice = { [weak engine] event in
@@ -218,12 +240,12 @@ enum DeviceRequests {
     struct Detach: Codable { var device: String }
     struct Message: Codable { var error: String }
 
-    static func answer(_ type: UInt32, _ payload: [UInt8], _ plane: FuseLoopDataPlane, logger: Logger) -> (Int32, [UInt8]) {
+    static func answer(_ type: UInt32, _ payload: [UInt8], _ plane: DataPlane, logger: Logger) -> (Int32, [UInt8]) {
         do {
             switch type {
             case BLKSNAP_CONTROL_ATTACH.rawValue:
                 let request = try JSONDecoder().decode(Attach.self, from: Data(payload))
-                let attached: FuseLoopDataPlane.Attached
+                let attached: DataPlane.Attached
                 if ["nbd://", "nbds://", "nbd+unix://", "nbds+unix://", "nbd+vsock://"].contains(where: request.backing.hasPrefix) {
                     attached = try plane.attach(backing: NbdBlockDevice(uri: request.backing), label: request.backing)
                 } else {

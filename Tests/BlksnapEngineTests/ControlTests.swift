@@ -3,6 +3,7 @@ import BlksnapEngine
 import CBlksnapABI
 import Dispatch
 import Glibc
+import Logging
 import Testing
 
 // The dispatcher driven as a C caller drives /dev/blksnap: argument bytes
@@ -974,7 +975,7 @@ private let sectorsPerBlock: UInt64 = blockSize / 512
 
     @Test func setlogWithNullFilepathSucceedsAndTurnsFileLoggingOff() {
         let caller = Caller()
-        let path = Array("/tmp/blksnap.log".utf8) + [0]
+        let path = Array(temporaryLogPath().utf8) + [0]
         let on = caller.place(c: blk_snap_setlog(tz_minuteswest: 0, level: 6, filepath_size: UInt32(path.count),
                                                  filepath: ptr(caller.memory.place(path))))
         #expect(caller.ioctl(.setlog, on).status == .success(0))
@@ -994,14 +995,41 @@ private let sectorsPerBlock: UInt64 = blockSize / 512
 
     @Test func setlogWithAPathSucceedsAndSetsTheLogConfig() {
         let caller = Caller()
-        let path = Array("/var/log/blksnap.log".utf8) + [0, 0, 0]   // size counts the NULs too
+        let file = temporaryLogPath()
+        let path = Array(file.utf8) + [0, 0, 0]   // size counts the NULs too
         let arg = blk_snap_setlog(tz_minuteswest: -120, level: 7, filepath_size: UInt32(path.count),
                                   filepath: ptr(caller.memory.place(path)))
         #expect(caller.ioctl(.setlog, caller.place(c: arg)).status == .success(0))
         let config = caller.engine.currentLogConfig
-        #expect(config?.path == "/var/log/blksnap.log")
+        #expect(config?.path == file)
         #expect(config?.level == 7)
         #expect(config?.tzMinutesWest == -120)
+    }
+
+    @Test func setlogStartsTheFileAndLogRecordsReachIt() throws {
+        let caller = Caller()
+        let file = temporaryLogPath()
+        let path = Array(file.utf8) + [0]
+        let arg = blk_snap_setlog(tz_minuteswest: 0, level: 6, filepath_size: UInt32(path.count),
+                                  filepath: ptr(caller.memory.place(path)))
+        #expect(caller.ioctl(.setlog, caller.place(c: arg)).status == .success(0))
+        var logger = Logger(label: "t", factory: { _ in LogFileHandler(file: caller.engine.logFile) })
+        logger.logLevel = .trace
+        logger.info("an info record")
+        logger.debug("a debug record, above level 6")
+        let text = try #require(readWholeFile(file))
+        #expect(text.contains("Start log for module blksnap-swift"))
+        #expect(text.contains("<6> an info record"))
+        #expect(!text.contains("a debug record"))
+    }
+
+    @Test func setlogWithAnUnwritablePathGivesItsErrno() {
+        let caller = Caller()
+        let path = Array("/nonexistent-blksnap-dir/blksnap.log".utf8) + [0]
+        let arg = blk_snap_setlog(tz_minuteswest: 0, level: 6, filepath_size: UInt32(path.count),
+                                  filepath: ptr(caller.memory.place(path)))
+        #expect(caller.ioctl(.setlog, caller.place(c: arg)).status == .failure(ENOENT))
+        #expect(caller.engine.currentLogConfig == nil)
     }
 
     @Test func getSectorStateOfUnknownImageGivesENODEV() {
@@ -1126,4 +1154,23 @@ private let sectorsPerBlock: UInt64 = blockSize / 512
         #expect(last.status == .success(0))
         #expect(remaining == 0)
     }
+}
+
+/// A fresh path in a fresh temporary directory.
+private func temporaryLogPath() -> String {
+    var template = Array("/tmp/blksnap-setlog-XXXXXX".utf8CString)
+    return String(cString: mkdtemp(&template)!) + "/blksnap.log"
+}
+
+private func readWholeFile(_ path: String) -> String? {
+    guard let fp = fopen(path, "r") else { return nil }
+    defer { fclose(fp) }
+    var bytes: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 4096)
+    while true {
+        let n = fread(&buffer, 1, buffer.count, fp)
+        if n <= 0 { break }
+        bytes += buffer[0..<n]
+    }
+    return String(decoding: bytes, as: UTF8.self)
 }

@@ -30,6 +30,14 @@ extern const unsigned long blksnap_ioctl_blkgetsize64;
 
 int blksnap_syncfs(int fd);
 
+/* The kernel nbd driver over generic netlink (nbd_netlink.c); each returns
+ * 0 or -errno (-ENOENT: the nbd module is not loaded). */
+int blksnap_nbd_available(void);
+int blksnap_nbd_connect(uint32_t index, int sockfd, uint64_t size, uint64_t block_size,
+			uint64_t server_flags, uint64_t timeout_s, uint64_t dead_timeout_s);
+int blksnap_nbd_reconfigure(uint32_t index, int sockfd, uint64_t dead_timeout_s);
+int blksnap_nbd_disconnect(uint32_t index);
+
 /* makedev/major/minor are macros in glibc. */
 dev_t blksnap_makedev(unsigned int major, unsigned int minor);
 unsigned int blksnap_major(dev_t dev);

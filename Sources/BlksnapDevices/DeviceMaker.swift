@@ -1,0 +1,39 @@
+import BlksnapABI
+import BlksnapEngine
+
+/// A kernel block device made for a routed device or an image.
+public struct MadeDevice: Sendable, Equatable {
+    /// The kernel's name: loop64, nbd15, loop0.
+    public var name: String
+    public var node: String
+    public var devId: DevId
+    /// The maker's own handle (a loop or nbd index).
+    public var index: Int
+
+    public init(name: String, node: String, devId: DevId, index: Int) {
+        (self.name, self.node, self.devId, self.index) = (name, node, devId, index)
+    }
+}
+
+/// How one kind of kernel turns an engine device into a block device:
+/// FUSE file plus loop device, or kernel NBD. The maker only makes and
+/// unmakes devices; the data plane keeps the books.
+///
+/// Numbers come first (`reserve`), because a routed device must be routed
+/// under its final major:minor before the kernel can send it a write.
+/// Routed devices take numbers from high up and images the lowest free
+/// one, so the first image of a machine has minor 0 (/dev/blksnap-image0).
+public protocol DeviceMaker: AnyObject, Sendable {
+    /// For logs and status: "FUSE+loop", "kernel NBD".
+    var kind: String { get }
+    func start() throws(BlksnapError)
+    func stop()
+    func reserve(image: Bool) throws(BlksnapError) -> MadeDevice
+    /// Makes the reserved device serve `device`.
+    func bind(_ made: MadeDevice, to device: any BlockDevice) throws(BlksnapError)
+    /// Undoes bind; a device still open (mounted) goes when its last user
+    /// closes it.
+    func unbind(_ made: MadeDevice)
+    /// Gives a reserved number back (bind failed or unbind is done).
+    func release(_ made: MadeDevice)
+}

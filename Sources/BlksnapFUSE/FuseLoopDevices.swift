@@ -1,0 +1,57 @@
+import BlksnapABI
+import BlksnapDevices
+import BlksnapEngine
+import Logging
+
+/// Block devices on kernels without NBD: a file of the device filesystem
+/// plus a loop device with direct I/O on it. Routed devices take loop
+/// indices from `routedBase` upwards, images the lowest free index, so the
+/// first image of a fresh machine is loop0 (/dev/blksnap-image0).
+public final class FuseLoopDevices: DeviceMaker, @unchecked Sendable {
+    public let filesystem: DeviceFilesystem
+    public let routedBase: Int
+    public var kind: String { "FUSE+loop" }
+    private let lock = Lock()
+    private var files: [Int: String] = [:]
+    private var counter = 0
+
+    public init(mountpoint: String, routedBase: Int = 64, logger: Logger) {
+        filesystem = DeviceFilesystem(mountpoint: mountpoint, logger: logger)
+        self.routedBase = routedBase
+    }
+
+    public func start() throws(BlksnapError) { try filesystem.start() }
+    public func stop() { filesystem.stop() }
+
+    public func reserve(image: Bool) throws(BlksnapError) -> MadeDevice {
+        let index = image ? try LoopDevice.lowestFree() : try LoopDevice.addFree(atOrAbove: routedBase)
+        let devId = try LoopDevice.ensureNode(index)
+        return MadeDevice(name: "loop\(index)", node: LoopDevice.path(index), devId: devId, index: index)
+    }
+
+    public func bind(_ made: MadeDevice, to device: any BlockDevice) throws(BlksnapError) {
+        let name = lock.withLock { () -> String in
+            counter += 1
+            return "\(device is SnapImage ? "image" : "routed")\(counter)"
+        }
+        let file = try filesystem.add(name: name, device: device)
+        do throws(BlksnapError) {
+            _ = try LoopDevice.attach(made.index, file: file, readOnly: false)
+        } catch {
+            filesystem.remove(name: name)
+            throw error
+        }
+        lock.withLock { files[made.index] = name }
+    }
+
+    public func unbind(_ made: MadeDevice) {
+        LoopDevice.detach(made.index)
+        if let name = lock.withLock({ files.removeValue(forKey: made.index) }) { filesystem.remove(name: name) }
+    }
+
+    /// Routed devices' loop indices were added for them and go away; image
+    /// indices are the kernel's free pool and stay.
+    public func release(_ made: MadeDevice) {
+        if made.index >= routedBase { LoopDevice.remove(made.index) }
+    }
+}
