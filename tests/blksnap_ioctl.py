@@ -7,6 +7,7 @@ the calls to blksnapd (or directly where a real /dev/blksnap exists).
 Usage:
   blksnap_ioctl.py create DEV...            -> prints the snapshot id
   blksnap_ioctl.py append ID FILE           -> FILE's extents (FIEMAP) on its st_dev
+  blksnap_ioctl.py append-device ID DEV [SECTORS] -> DEV's first SECTORS (default: all)
   blksnap_ioctl.py take ID
   blksnap_ioctl.py images ID                -> "ORIG_MJ:MN IMAGE_MJ:MN" per line
   blksnap_ioctl.py waitevent ID TIMEOUT_MS  -> "CODE DATA-HEX" or exit 2 (ENOENT)
@@ -99,6 +100,11 @@ def main(argv):
         arg = Append(id=uuid_bytes(args[0]), dev_id=DevT(os.major(st.st_dev), os.minor(st.st_dev)),
                      count=len(ranges), ranges=arr)
         call(fd, 7, arg)
+    elif cmd == "append-device":
+        sectors = int(args[2]) if len(args) > 2 else os.stat(args[1]).st_size // 512 or \
+            int(open(f"/sys/dev/block/{os.major(os.stat(args[1]).st_rdev)}:{os.minor(os.stat(args[1]).st_rdev)}/size").read())
+        arr = (Range * 1)(Range(0, sectors))
+        call(fd, 7, Append(id=uuid_bytes(args[0]), dev_id=dev_of(args[1]), count=1, ranges=arr))
     elif cmd in ("take", "destroy"):
         call(fd, 8 if cmd == "take" else 6, Id(id=uuid_bytes(args[0])))
     elif cmd == "images":

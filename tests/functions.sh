@@ -64,7 +64,7 @@ attach() {
 }
 
 # blksnap CMD ARGS...: one ioctl client call through the preload shim.
-blksnap() { "$blksnapctl" exec -- python3 "$ioctl_client" "$@"; }
+blksnap() { "$blksnapctl" exec --preload "$top/.build/preload/libblksnap-preload.so" -- python3 "$ioctl_client" "$@"; }
 
 mount_at() {  # mount_at DEV DIR [OPTIONS]
     mkdir -p "$2"

@@ -21,15 +21,8 @@ dd if=/dev/urandom of="$dev" bs=1M count=64 oflag=direct status=none
 dd if="$dev" of="$scratch/at-take.img" bs=1M iflag=direct status=none
 
 # Difference storage: the whole second routed device, beneath tracking.
-storage_file=$scratch/storage-extents
 id=$(blksnap create "$dev")
-"$blksnapctl" exec -- python3 - "$id" "$store" "$ioctl_client" <<'PY'
-import sys, os, importlib.util, ctypes
-spec = importlib.util.spec_from_file_location("b", sys.argv[3]); b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b)
-fd = os.open("/dev/blksnap", os.O_RDWR)
-r = (b.Range * 1)(b.Range(0, (64 << 20) // 512))
-b.call(fd, 7, b.Append(id=b.uuid_bytes(sys.argv[1]), dev_id=b.dev_of(sys.argv[2]), count=1, ranges=r))
-PY
+blksnap append-device "$id" "$store"
 blksnap take "$id"
 read -r _ image_id < <(blksnap images "$id")
 image=blksnap-image${image_id##*:}
@@ -48,13 +41,7 @@ check "the original no longer equals the image" bash -c "! cmp -s '$scratch/at-t
 # first visible in the read map; the context lists exactly them.
 blksnap destroy "$id"
 id2=$(blksnap create "$dev")
-"$blksnapctl" exec -- python3 - "$id2" "$store" "$ioctl_client" <<'PY'
-import sys, os, importlib.util
-spec = importlib.util.spec_from_file_location("b", sys.argv[3]); b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b)
-fd = os.open("/dev/blksnap", os.O_RDWR)
-r = (b.Range * 1)(b.Range(0, (64 << 20) // 512))
-b.call(fd, 7, b.Append(id=b.uuid_bytes(sys.argv[1]), dev_id=b.dev_of(sys.argv[2]), count=1, ranges=r))
-PY
+blksnap append-device "$id2" "$store"
 blksnap take "$id2"
 nbdinfo --map=blksnap:changed-since:1 "$uri" > "$scratch/map.txt"
 # nbdinfo prints "offset length type description"; type 1 is changed.

@@ -33,10 +33,14 @@ public final class Snapshot: @unchecked Sendable {
     public var isCorrupted: Bool { corrupted.load(ordering: .acquiring) }
 
     /// Marks every device corrupted once, and says so once per device.
+    /// Every caller marks all diff areas before it returns (its write then
+    /// lands without copy-on-write), not only the first: a later caller
+    /// returning while the first is still marking would let an image read
+    /// see its write.
     func corrupt(_ error: BlksnapError) {
+        for area in diffAreas { area.markCorrupted() }
         guard !corrupted.exchange(true, ordering: .acquiringAndReleasing) else { return }
         logger.error("blksnap-snapshot: snapshot \(id) is corrupted: \(error); originals keep working, images fail with EIO")
-        for area in diffAreas { area.markCorrupted() }
         for devId in devIds {
             events.post(.corrupted, data: EventCorrupted(origDevId: devId, errCode: error.errno.rawValue).wire)
         }

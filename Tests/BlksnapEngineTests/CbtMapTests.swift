@@ -167,7 +167,7 @@ import Glibc
 
     @Test func closingWakesWaitersWithESRCH() {
         let q = EventQueue()
-        spawnThread { usleep(20_000); q.close() }
+        startThread { usleep(20_000); q.close() }
         #expect { try q.wait(timeoutMs: 5000) } throws: { ($0 as? BlksnapError)?.errno == .noSuchProcess }
     }
 }

@@ -115,16 +115,3 @@ extension BlockDevice {
 #if canImport(Glibc)
 import Glibc
 #endif
-
-/// A plain detached thread, for tests that need a second caller.
-func spawnThread(_ body: @escaping @Sendable () -> Void) {
-    final class Box { let body: @Sendable () -> Void; init(_ b: @escaping @Sendable () -> Void) { body = b } }
-    let box = Unmanaged.passRetained(Box(body)).toOpaque()
-    var thread = pthread_t()
-    pthread_create(&thread, nil, { arg in
-        let b = Unmanaged<AnyObject>.fromOpaque(arg!).takeRetainedValue() as! Box
-        b.body()
-        return nil
-    }, box)
-    pthread_detach(thread)
-}

@@ -5,7 +5,7 @@ import Glibc
 /// Starts a detached thread running `body`. Plain pthreads rather than
 /// Swift tasks: every thread here blocks in recv, accept or device I/O,
 /// which would starve the cooperative pool.
-func startThread(_ body: @escaping @Sendable () -> Void) {
+public func startThread(_ body: @escaping @Sendable () -> Void) {
     final class Box {
         let body: @Sendable () -> Void
         init(_ body: @escaping @Sendable () -> Void) { self.body = body }
