@@ -2,6 +2,9 @@ import BlksnapABI
 import BlksnapDevices
 import BlksnapEngine
 import Logging
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Block devices on kernels without NBD: a file of the device filesystem
 /// plus a loop device with direct I/O on it. Routed devices take loop
@@ -21,7 +24,10 @@ public final class FuseLoopDevices: DeviceMaker, @unchecked Sendable {
     }
 
     public func start() throws(BlksnapError) { try filesystem.start() }
-    public func stop() { filesystem.stop() }
+    public func stop() {
+        filesystem.stop()
+        rmdir(filesystem.mountpoint)   // made by start; empty once unmounted
+    }
 
     public func reserve(image: Bool) throws(BlksnapError) -> MadeDevice {
         let index = image ? try LoopDevice.lowestFree() : try LoopDevice.addFree(atOrAbove: routedBase)
