@@ -234,7 +234,13 @@ public final class Engine: @unchecked Sendable {
     private func resolveStorage(_ devId: DevId) throws(BlksnapError) -> any BlockDevice {
         // A routed device's storage ranges go to its backing store: beneath
         // tracking, so storing a chunk never copies or marks anything.
-        if let routed = devices[devId] { return routed.backing }
+        if let routed = devices[devId] {
+            if let file = routed.backing as? FileBlockDevice,
+               let storage = try? FileBlockDevice(path: file.path, directWritesWhenAligned: true) {
+                return storage
+            }
+            return routed.backing
+        }
         guard host.exists(devId) else { throw BlksnapError(.noSuchAddressOrDevice, "no block device \(devId)") }
         return try host.open(devId)
     }
