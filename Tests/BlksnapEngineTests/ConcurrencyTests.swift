@@ -105,18 +105,6 @@ private final class AtomicWriteDevice: BlockDevice, @unchecked Sendable {
 
 // MARK: - plumbing
 
-private struct ConcRng {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    mutating func below(_ n: Int) -> Int { n <= 1 ? 0 : Int(next() % UInt64(n)) }
-    mutating func within(_ a: Int, _ b: Int) -> Int { a + below(b - a + 1) }
-}
 
 /// A plain thread; `group` is left when it ends.
 private func startThread(_ group: DispatchGroup, _ body: @escaping @Sendable () -> Void) {
@@ -264,7 +252,7 @@ private func nowNs() -> Int { Int(monotonicNanoseconds()) }
 
         for w in 0..<writers {
             startThread(group) {
-                var rng = ConcRng(state: 0xA11CE + UInt64(w))
+                var rng = SplitMix64(seed: 0xA11CE + UInt64(w))
                 var last = [Int32](repeating: -1, count: sectors)
                 let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 * 512, alignment: 8)
                 defer { buffer.deallocate() }
@@ -294,7 +282,7 @@ private func nowNs() -> Int { Int(monotonicNanoseconds()) }
 
         // The image writer: its own region of the image, read back at once.
         startThread(group) {
-            var rng = ConcRng(state: 0x1A6E)
+            var rng = SplitMix64(seed: 0x1A6E)
             var last = [Int32](repeating: -1, count: sectors)
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 32 * 512, alignment: 8)
             let back = UnsafeMutableRawBufferPointer.allocate(byteCount: 32 * 512, alignment: 8)
@@ -324,7 +312,7 @@ private func nowNs() -> Int { Int(monotonicNanoseconds()) }
         let readable = imageRegion.lowerBound * 512
         for r in 0..<2 {
             startThread(group) {
-                var rng = ConcRng(state: 0x8EAD + UInt64(r))
+                var rng = SplitMix64(seed: 0x8EAD + UInt64(r))
                 let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 << 10, alignment: 8)
                 defer { buffer.deallocate() }
                 var reads = 0
@@ -433,7 +421,7 @@ private func nowNs() -> Int { Int(monotonicNanoseconds()) }
 
         for w in 0..<writers {
             startThread(group) {
-                var rng = ConcRng(state: 0x7A4E + UInt64(round * 16 + w))
+                var rng = SplitMix64(seed: 0x7A4E + UInt64(round * 16 + w))
                 var log: [Logged] = []
                 log.reserveCapacity(8192)
                 let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 48 * 512, alignment: 8)
@@ -594,7 +582,7 @@ private func nowNs() -> Int { Int(monotonicNanoseconds()) }
         let group = DispatchGroup()
         for w in 0..<writers {
             startThread(group) {
-                var rng = ConcRng(state: 0xC022 + UInt64(round * 16 + w))
+                var rng = SplitMix64(seed: 0xC022 + UInt64(round * 16 + w))
                 var log: [(device: Int, first: Int, count: Int)] = []
                 let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 * 512, alignment: 8)
                 defer { buffer.deallocate() }
@@ -617,7 +605,7 @@ private func nowNs() -> Int { Int(monotonicNanoseconds()) }
         }
         for r in 0..<2 {
             startThread(group) {
-                var rng = ConcRng(state: 0xEE10 + UInt64(round * 16 + r))
+                var rng = SplitMix64(seed: 0xEE10 + UInt64(round * 16 + r))
                 let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 32 << 10, alignment: 8)
                 defer { buffer.deallocate() }
                 var failed = [false, false]
@@ -788,7 +776,7 @@ private func nowNs() -> Int { Int(monotonicNanoseconds()) }
 
         for w in 0..<2 {
             startThread(group) {
-                var rng = ConcRng(state: 0xDE57 + UInt64(w))
+                var rng = SplitMix64(seed: 0xDE57 + UInt64(w))
                 var log: [(first: Int, count: Int)] = []
                 let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 * 512, alignment: 8)
                 defer { buffer.deallocate() }
@@ -810,7 +798,7 @@ private func nowNs() -> Int { Int(monotonicNanoseconds()) }
         }
         for r in 0..<2 {
             startThread(group) {
-                var rng = ConcRng(state: 0xDE5E + UInt64(r))
+                var rng = SplitMix64(seed: 0xDE5E + UInt64(r))
                 let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 32 << 10, alignment: 8)
                 defer { buffer.deallocate() }
                 let readable = imageRegion.lowerBound * 512
@@ -837,7 +825,7 @@ private func nowNs() -> Int { Int(monotonicNanoseconds()) }
             }
         }
         startThread(group) {
-            var rng = ConcRng(state: 0x1A6F)
+            var rng = SplitMix64(seed: 0x1A6F)
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 16 * 512, alignment: 8)
             defer { buffer.deallocate() }
             var seq: UInt64 = 0

@@ -20,7 +20,8 @@ import Glibc
 
 // MARK: - deterministic randomness
 
-private struct SplitMix64: RandomNumberGenerator {
+/// Shared with ConcurrencyTests: one seeded generator for the target.
+struct SplitMix64: RandomNumberGenerator {
     var state: UInt64
     init(seed: UInt64) { state = seed }
     mutating func next() -> UInt64 {
