@@ -20,4 +20,21 @@ public protocol BlockDevice: AnyObject, Sendable {
 extension BlockDevice {
     public var alignment: Int { 1 }
     public func discard(at offset: UInt64, length: UInt64) throws(BlksnapError) {}
+
+    /// Writes real zeros over a range, a MiB at a time: for a discard that
+    /// must read back as zeros where the store cannot promise it, and for
+    /// NBD_CMD_WRITE_ZEROES with NO_HOLE.
+    public func writeZeroes(at offset: UInt64, length: UInt64) throws(BlksnapError) {
+        guard length > 0 else { return }
+        let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(min(length, 1 << 20)),
+                                                           alignment: max(alignment, 4096))
+        defer { zeros.deallocate() }
+        zeros.initializeMemory(as: UInt8.self, repeating: 0)
+        var done: UInt64 = 0
+        while done < length {
+            let n = Int(min(UInt64(zeros.count), length - done))
+            try write(UnsafeRawBufferPointer(rebasing: zeros[0..<n]), at: offset + done)
+            done += UInt64(n)
+        }
+    }
 }

@@ -288,16 +288,7 @@ public final class DeviceFilesystem: @unchecked Sendable {
             return
         }
         // Images (and zero-range) get real zeros: a discard must read back as zeros.
-        let step = 1 << 20
-        let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: step, alignment: 4096)
-        defer { zeros.deallocate() }
-        zeros.initializeMemory(as: UInt8.self, repeating: 0)
-        var done: UInt64 = 0
-        while done < length {
-            let n = Int(min(UInt64(step), length - done))
-            try device.write(UnsafeRawBufferPointer(rebasing: zeros[0..<n]), at: offset + done)
-            done += UInt64(n)
-        }
+        try device.writeZeroes(at: offset, length: length)
     }
 
     private func readdir(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _ off: off_t) {

@@ -117,15 +117,7 @@ public final class NbdBlockDevice: BlockDevice, Describable, @unchecked Sendable
     public func discard(at offset: UInt64, length: UInt64) throws(BlksnapError) {
         guard canTrim else {
             // A discard must read back as zeros on a routed device.
-            let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: min(Int(length), 1 << 20), alignment: 4096)
-            defer { zeros.deallocate() }
-            zeros.initializeMemory(as: UInt8.self, repeating: 0)
-            var done: UInt64 = 0
-            while done < length {
-                let n = Int(min(UInt64(zeros.count), length - done))
-                try write(UnsafeRawBufferPointer(rebasing: zeros[0..<n]), at: offset + done)
-                done += UInt64(n)
-            }
+            try writeZeroes(at: offset, length: length)
             return
         }
         guard nbd_zero(handle(), length, offset, 0) == 0 else {

@@ -250,16 +250,7 @@ final class Connection: @unchecked Sendable {
             try device.discard(at: r.offset, length: UInt64(r.length))
             return
         }
-        let piece = min(Int(r.length), 1 << 20)
-        let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: piece, alignment: bufferAlignment)
-        defer { zeros.deallocate() }
-        zeros.initializeMemory(as: UInt8.self, repeating: 0)
-        var done: UInt64 = 0
-        while done < UInt64(r.length) {
-            let n = min(UInt64(piece), UInt64(r.length) - done)
-            try device.write(UnsafeRawBufferPointer(rebasing: zeros[0..<Int(n)]), at: r.offset + done)
-            done += n
-        }
+        try device.writeZeroes(at: r.offset, length: UInt64(r.length))
     }
 
     /// One chunk per selected context, the last marked done; all computed
