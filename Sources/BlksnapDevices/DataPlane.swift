@@ -157,9 +157,9 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
         let nodes = lock.withLock {
             devices.map { d in (devId: d.devId, node: routed[d.devId]?.made.node ?? "") }
         }
-        let thaw = Quiesce.freeze(devices: nodes, logger: logger)
-        for d in devices { try d.flush() }
-        return thaw
+        // Freeze's fsync of each node already reaches the engine's flush
+        // (loop's flush becomes a FUSE fsync, kernel NBD sends FLUSH).
+        return Quiesce.freeze(devices: nodes, logger: logger)
     }
 
     public func publish(_ image: SnapImage) throws(BlksnapError) -> DevId {
