@@ -101,6 +101,10 @@ let package = Package(
             dependencies: ["BlksnapEngine", "BlksnapABI", "CBlksnapABI", .product(name: "Logging", package: "swift-log")]
         ),
         .testTarget(name: "BlksnapCUSETests", dependencies: ["BlksnapCUSE", "BlksnapEngine", "BlksnapABI", "CBlksnapABI"]),
+        .testTarget(
+            name: "BlksnapDevicesTests",
+            dependencies: ["BlksnapDevices", "BlksnapEngine", "BlksnapABI", .product(name: "Logging", package: "swift-log")]
+        ),
         .testTarget(name: "BlksnapNBDTests", dependencies: ["BlksnapNBD", "BlksnapEngine", "BlksnapABI"]),
         .testTarget(name: "BlksnapShimServerTests", dependencies: ["BlksnapShimServer", "BlksnapEngine", "BlksnapABI", "CBlksnapABI"]),
     ]

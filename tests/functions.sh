@@ -36,15 +36,18 @@ scratch=$(mktemp -d /tmp/blksnap-test.XXXXXX)
 cleanup_fn "rm -rf '$scratch'"
 
 # Starts a private blksnapd (its own state directory, so it never meets
-# another daemon) and points blksnapctl and the shim at it.
+# another daemon) and points blksnapctl and the shim at it; its pid is
+# $blksnapd_pid. Called again after a kill, it starts one on the same state.
 start_blksnapd() {
     [ -x "$blksnapd" ] && [ -x "$blksnapctl" ] || { echo "$0: build first (swift build); missing $blksnapd" >&2; exit 1; }
     "$top/tools/build-preload" >/dev/null
     local state=$scratch/state
-    "$blksnapd" --state-dir "$state" "$@" 2>"$scratch/blksnapd.log" &
-    local pid=$!
-    cleanup_fn "stop_blksnapd $pid"
     export BLKSNAP_CONTROL_SOCKET=$state/control.sock
+    # A socket left by a killed blksnapd must not pass for the new one's.
+    rm -f "$BLKSNAP_CONTROL_SOCKET"
+    "$blksnapd" --state-dir "$state" "$@" 2>>"$scratch/blksnapd.log" &
+    blksnapd_pid=$!
+    cleanup_fn "stop_blksnapd $blksnapd_pid"
     for _ in $(seq 100); do [ -S "$BLKSNAP_CONTROL_SOCKET" ] && return 0; sleep 0.1; done
     echo "$0: blksnapd did not start:" >&2; cat "$scratch/blksnapd.log" >&2; exit 1
 }

@@ -11,6 +11,11 @@ import Glibc
 /// the kernel offers (a `DeviceMaker`): `blksnapctl attach` and `detach`,
 /// and the engine's `SnapshotHooks` (quiesce before TAKE, images as
 /// devices after it).
+///
+/// Every device made is also written to a saved list (`SavedDevices`), so
+/// that a blksnapd started after one that was killed serves the same
+/// routed devices again where the maker can (kernel NBD), and undoes the
+/// rest.
 public final class DataPlane: SnapshotHooks, @unchecked Sendable {
     public struct Attached: Sendable, Equatable, Codable {
         public var node: String
@@ -31,21 +36,34 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
 
     public let maker: any DeviceMaker
     let logger: Logger
+    /// Where the saved list lives (nil: nothing is saved).
+    let listPath: String?
+    /// Opens an NBD URI as a backing (libnbd lives outside this module).
+    let openURI: (@Sendable (String) throws(BlksnapError) -> any BlockDevice)?
     private let lock = Lock()
     private weak var engine: Engine?
-    private var routed: [DevId: (made: MadeDevice, backing: String)] = [:]
-    private var images: [ObjectIdentifier: (made: MadeDevice, nodes: [String])] = [:]
+    private var routed: [DevId: (made: MadeDevice, backing: String, backend: String, size: UInt64)] = [:]
+    private var images: [ObjectIdentifier: (made: MadeDevice, nodes: [String], backend: String)] = [:]
+    /// Saved devices of another maker's kind: kept in the list for a
+    /// blksnapd that makes that kind.
+    private var foreign = SavedDevices()
 
-    public init(maker: any DeviceMaker, logger: Logger) {
+    public init(maker: any DeviceMaker, logger: Logger, listPath: String? = nil,
+                openURI: (@Sendable (String) throws(BlksnapError) -> any BlockDevice)? = nil) {
         self.maker = maker
         self.logger = logger
+        self.listPath = listPath
+        self.openURI = openURI
     }
 
-    /// Starts the maker; `engine` is the one these hooks serve.
+    /// Starts the maker, then takes over what a blksnapd that died left in
+    /// the saved list; `engine` is the one these hooks serve.
     public func start(engine: Engine) throws(BlksnapError) {
         lock.withLock { self.engine = engine }
+        let saved = try listPath.map { (path) throws(BlksnapError) in try SavedDevices.load(from: path) } ?? SavedDevices()
         try maker.start()
         logger.info("blksnapd: routed devices and images are \(maker.kind) devices")
+        if !saved.isEmpty { recover(saved, engine: engine) }
     }
 
     /// Removes every device it made.
@@ -60,47 +78,51 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
             maker.release(r.made)
             try? engine?.unroute(r.made.devId)
         }
+        lock.withLock {
+            routed.removeAll()
+            images.removeAll()
+            persist()
+        }
         maker.stop()
     }
 
     // MARK: attach and detach
 
-    /// Routes a regular file (created and grown to `size` when asked) or a
-    /// block device (opened O_EXCL, so a mounted or held disk is refused).
-    public func attach(backingPath: String, size: UInt64? = nil) throws(BlksnapError) -> Attached {
-        var st = stat()
-        if stat(backingPath, &st) != 0, errno == ENOENT, size != nil {
-            // A new image file: created here, grown below.
-            let fd = open(backingPath, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0o600)
-            if fd >= 0 { close(fd) }
-        }
-        guard stat(backingPath, &st) == 0 else {
-            throw BlksnapError(Errno(rawValue: errno), "cannot attach \(backingPath)")
-        }
-        let isBlock = st.st_mode & S_IFMT == S_IFBLK
-        if !isBlock, let size, UInt64(st.st_size) < size {
-            guard truncate(backingPath, off_t(size)) == 0 else {
-                throw BlksnapError(Errno(rawValue: errno), "cannot grow \(backingPath) to \(size) bytes")
+    /// Routes `backing`: an NBD URI, a regular file (created and grown to
+    /// `size` when asked) or a block device (opened O_EXCL, so a mounted or
+    /// held disk is refused).
+    public func attach(backing: String, size: UInt64? = nil) throws(BlksnapError) -> Attached {
+        if !isURI(backing) {
+            var st = stat()
+            if stat(backing, &st) != 0, errno == ENOENT, size != nil {
+                // A new image file: created here, grown below.
+                let fd = open(backing, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0o600)
+                if fd >= 0 { close(fd) }
+            }
+            guard stat(backing, &st) == 0 else {
+                throw BlksnapError(Errno(rawValue: errno), "cannot attach \(backing)")
+            }
+            if st.st_mode & S_IFMT != S_IFBLK, let size, UInt64(st.st_size) < size {
+                guard truncate(backing, off_t(size)) == 0 else {
+                    throw BlksnapError(Errno(rawValue: errno), "cannot grow \(backing) to \(size) bytes")
+                }
             }
         }
-        let backing: FileBlockDevice
-        do throws(BlksnapError) {
-            backing = try FileBlockDevice(path: backingPath, exclusive: isBlock)
-        } catch where error.errno == .resourceBusy {
-            throw BlksnapError(.resourceBusy, "\(backingPath) is mounted or held by another program; unmount it first")
-        }
-        return try attach(backing: backing, label: backingPath)
+        return try attach(backing: openBacking(backing), label: backing)
     }
 
-    /// Routes an opened store (a file, a block device, an NBD export).
+    /// Routes an opened store (a file, a block device, an NBD export);
+    /// `label` is how it is opened again after a crash.
     public func attach(backing: any BlockDevice, label: String) throws(BlksnapError) -> Attached {
         guard let engine = lock.withLock({ engine }) else { throw BlksnapError(.ioError, "the data plane is not started") }
         guard backing.size >= 4096 else { throw BlksnapError(.invalidArgument, "\(label) is too small to be a disk") }
         let made = try maker.reserve(image: false)
+        let backend = Self.backend(routing: label)
+        let device: RoutedDevice
         do throws(BlksnapError) {
-            let device = try engine.route(made.devId, backing: backing)
+            device = try engine.route(made.devId, backing: backing)
             do throws(BlksnapError) {
-                try maker.bind(made, to: device)
+                try maker.bind(made, to: device, backend: backend)
             } catch {
                 try? engine.unroute(made.devId)
                 throw error
@@ -109,12 +131,48 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
             maker.release(made)
             throw error
         }
-        lock.withLock { routed[made.devId] = (made, label) }
+        added(made, device: device, label: label, backend: backend)
         logger.info("blksnapd: \(made.node) (\(made.devId)) routes \(label)")
-        if let device = engine.routedDevice(made.devId) {
-            onDevice?(.added(name: made.name, device: device, devId: made.devId, original: nil))
-        }
         return Attached(node: made.node, devId: made.devId.description, backing: label, sizeBytes: backing.size)
+    }
+
+    private func added(_ made: MadeDevice, device: RoutedDevice, label: String, backend: String) {
+        lock.withLock {
+            routed[made.devId] = (made, label, backend, device.size)
+            persist()
+        }
+        onDevice?(.added(name: made.name, device: device, devId: made.devId, original: nil))
+    }
+
+    private func isURI(_ text: String) -> Bool {
+        ["nbd://", "nbds://", "nbd+unix://", "nbds+unix://", "nbd+vsock://"].contains(where: text.hasPrefix)
+    }
+
+    /// Opens a backing as attach names it.
+    private func openBacking(_ backing: String) throws(BlksnapError) -> any BlockDevice {
+        if isURI(backing) {
+            guard let openURI else { throw BlksnapError(.notSupported, "this blksnapd cannot open NBD URIs") }
+            return try openURI(backing)
+        }
+        var st = stat()
+        let isBlock = stat(backing, &st) == 0 && st.st_mode & S_IFMT == S_IFBLK
+        do throws(BlksnapError) {
+            return try FileBlockDevice(path: backing, exclusive: isBlock)
+        } catch where error.errno == .resourceBusy {
+            throw BlksnapError(.resourceBusy, "\(backing) is mounted or held by another program; unmount it first")
+        }
+    }
+
+    /// The name the kernel keeps for what a device serves (nbd's backend,
+    /// at most 255 bytes): a device that shows another one after a crash
+    /// is not ours.
+    static func backend(routing label: String) -> String {
+        let name = "blksnap-swift routes " + label
+        guard name.utf8.count > 200 else { return name }
+        // FNV-1a: a long label still gets a stable, short name.
+        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+        for byte in label.utf8 { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
+        return "blksnap-swift routes #" + String(hash, radix: 16)
     }
 
     /// Undoes attach: refused while the device is in a snapshot or mounted;
@@ -136,7 +194,10 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
         onDevice?(.removed(name: r.made.name))
         maker.unbind(r.made)
         maker.release(r.made)
-        lock.withLock { _ = routed.removeValue(forKey: devId) }
+        lock.withLock {
+            _ = routed.removeValue(forKey: devId)
+            persist()
+        }
         logger.info("blksnapd: \(r.made.node) detached; \(r.backing) is consistent")
     }
 
@@ -164,8 +225,9 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
 
     public func publish(_ image: SnapImage) throws(BlksnapError) -> DevId {
         let made = try maker.reserve(image: true)
+        let backend = "blksnap-swift image of \(image.originalDevId)"
         do throws(BlksnapError) {
-            try maker.bind(made, to: image)
+            try maker.bind(made, to: image, backend: backend)
         } catch {
             maker.release(made)
             throw error
@@ -181,14 +243,21 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
         let link = "/dev/block/\(made.devId.major):\(made.devId.minor)"
         var st = stat()
         if lstat(link, &st) != 0, symlink("../\(made.name)", link) == 0 { nodes.append(link) }
-        lock.withLock { images[ObjectIdentifier(image)] = (made, nodes) }
+        lock.withLock {
+            images[ObjectIdentifier(image)] = (made, nodes, backend)
+            persist()
+        }
         onDevice?(.added(name: "blksnap-image\(made.devId.minor)", device: image, devId: made.devId,
                          original: image.originalDevId))
         return made.devId
     }
 
     public func withdraw(_ image: SnapImage) {
-        guard let entry = lock.withLock({ images.removeValue(forKey: ObjectIdentifier(image)) }) else { return }
+        let entry = lock.withLock { () -> (made: MadeDevice, nodes: [String], backend: String)? in
+            defer { persist() }
+            return images.removeValue(forKey: ObjectIdentifier(image))
+        }
+        guard let entry else { return }
         onDevice?(.removed(name: "blksnap-image\(entry.made.devId.minor)"))
         removeImageDevice(entry.made, nodes: entry.nodes)
     }
@@ -197,5 +266,76 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
         for n in nodes { unlink(n) }
         maker.unbind(made)
         maker.release(made)
+    }
+}
+
+// MARK: after a crash
+
+extension DataPlane {
+    /// Takes over the devices of a blksnapd that died: routed devices are
+    /// served again where the maker can keep them alive (kernel NBD), so
+    /// that what is mounted on them carries on; images are undone, since
+    /// their snapshots died with the engine's memory (as with the module,
+    /// snapshots and change tracking do not outlive it).
+    private func recover(_ saved: SavedDevices, engine: Engine) {
+        var others = SavedDevices()
+        for image in saved.images {
+            guard image.kind == maker.kind else {
+                others.images.append(image)
+                continue
+            }
+            for n in image.nodes ?? [] { unlink(n) }
+            maker.abandon(image.made, backend: image.backend)
+            logger.warning("blksnapd: removed \(image.node), an image of a snapshot that died with the previous blksnapd")
+        }
+        for d in saved.routed {
+            guard d.kind == maker.kind, let label = d.backing else {
+                logger.warning("blksnapd: \(d.node) was made as a \(d.kind) device by a blksnapd that died; this one makes \(maker.kind) devices and leaves it alone")
+                others.routed.append(d)
+                continue
+            }
+            do throws(BlksnapError) {
+                let backing = try openBacking(label)
+                guard backing.size == d.sizeBytes ?? backing.size else {
+                    throw BlksnapError(.invalidArgument, "\(label) now holds \(backing.size) bytes, not \(d.sizeBytes ?? 0)")
+                }
+                let device = try engine.route(d.made.devId, backing: backing)
+                do throws(BlksnapError) {
+                    try maker.reclaim(d.made, as: device, backend: d.backend)
+                } catch {
+                    try? engine.unroute(d.made.devId)
+                    throw error
+                }
+                added(d.made, device: device, label: label, backend: d.backend)
+                logger.notice("blksnapd: \(d.node) (\(d.made.devId)) routes \(label) again; what the previous blksnapd acknowledged is there, and waiting requests go on")
+            } catch {
+                maker.abandon(d.made, backend: d.backend)
+                logger.error("blksnapd: \(d.node) cannot be served again (\(error.message)); it fails its requests. Unmount what is on it, then `blksnapctl attach \(label)` routes the same data anew")
+            }
+        }
+        lock.withLock {
+            foreign = others
+            persist()
+        }
+    }
+
+    /// Writes the saved list; under `lock`. A list that cannot be written
+    /// is logged, not thrown: the device itself is fine, only a crash
+    /// could not be recovered from.
+    private func persist() {
+        guard let listPath else { return }
+        var list = foreign
+        let kind = maker.kind
+        for r in routed.values.sorted(by: { $0.made.index < $1.made.index }) {
+            list.routed.append(.init(kind: kind, made: r.made, backend: r.backend, backing: r.backing, sizeBytes: r.size))
+        }
+        for i in images.values.sorted(by: { $0.made.index < $1.made.index }) {
+            list.images.append(.init(kind: kind, made: i.made, backend: i.backend, nodes: i.nodes))
+        }
+        do {
+            try list.store(to: listPath)
+        } catch {
+            logger.error("blksnapd: \(error); a blksnapd started after a crash will not find these devices")
+        }
     }
 }

@@ -1,5 +1,8 @@
 import BlksnapABI
 import BlksnapEngine
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A kernel block device made for a routed device or an image.
 public struct MadeDevice: Sendable, Equatable {
@@ -29,11 +32,33 @@ public protocol DeviceMaker: AnyObject, Sendable {
     func start() throws(BlksnapError)
     func stop()
     func reserve(image: Bool) throws(BlksnapError) -> MadeDevice
-    /// Makes the reserved device serve `device`.
-    func bind(_ made: MadeDevice, to device: any BlockDevice) throws(BlksnapError)
+    /// Makes the reserved device serve `device`; `backend` names what it
+    /// serves, where the kernel keeps such a name (nbd's backend).
+    func bind(_ made: MadeDevice, to device: any BlockDevice, backend: String) throws(BlksnapError)
     /// Undoes bind; a device still open (mounted) goes when its last user
     /// closes it.
     func unbind(_ made: MadeDevice)
     /// Gives a reserved number back (bind failed or unbind is done).
     func release(_ made: MadeDevice)
+
+    /// Serves `device` again on a device that a blksnapd which died made
+    /// (`made` and `backend` from its saved list), so that what is mounted
+    /// on it carries on. Throws where this kind of device cannot outlive
+    /// its server.
+    func reclaim(_ made: MadeDevice, as device: any BlockDevice, backend: String) throws(BlksnapError)
+    /// Undoes a device that a blksnapd which died made and nobody serves
+    /// again; a device that shows another backend is someone else's and
+    /// stays.
+    func abandon(_ made: MadeDevice, backend: String)
+}
+
+/// The first line of a small kernel attribute file (sysfs), or nil.
+public func readAttribute(_ path: String) -> String? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var buffer = [UInt8](repeating: 0, count: 4096)
+    let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+    guard n >= 0 else { return nil }
+    return String(decoding: buffer[..<n].prefix { $0 != 0x0a }, as: UTF8.self)
 }

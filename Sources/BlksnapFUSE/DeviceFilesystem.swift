@@ -71,6 +71,23 @@ public final class DeviceFilesystem: @unchecked Sendable {
 
     // MARK: session
 
+    /// Whether `mountpoint` is a FUSE mount whose server is gone (a blksnapd
+    /// that was killed): every access fails with ENOTCONN.
+    public var isStale: Bool {
+        var st = stat()
+        return stat(mountpoint, &st) != 0 && errno == ENOTCONN
+    }
+
+    /// Takes a dead server's mount away (lazily: loop devices may still
+    /// hold files of it), so that a new one can be mounted there.
+    public func detachStaleMount() {
+        if umount2(mountpoint, Int32(MNT_DETACH)) == 0 {
+            logger.warning("blksnapd: detached the device filesystem a blksnapd that died left at \(mountpoint)")
+        } else {
+            logger.error("blksnapd: cannot detach the stale mount at \(mountpoint): \(String(cString: strerror(errno)))")
+        }
+    }
+
     /// Mounts at `mountpoint` and serves on several threads in the background.
     public func start() throws(BlksnapError) {
         mkdir(mountpoint, 0o700)

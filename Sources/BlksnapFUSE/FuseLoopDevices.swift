@@ -17,25 +17,47 @@ public final class FuseLoopDevices: DeviceMaker, @unchecked Sendable {
     private let lock = Lock()
     private var files: [Int: String] = [:]
     private var counter = 0
+    /// Routed indices whose removal waits for their last user.
+    private var unremoved = Set<Int>()
+
+    let logger: Logger
 
     public init(mountpoint: String, routedBase: Int = 64, logger: Logger) {
         filesystem = DeviceFilesystem(mountpoint: mountpoint, logger: logger)
         self.routedBase = routedBase
+        self.logger = logger
     }
 
-    public func start() throws(BlksnapError) { try filesystem.start() }
+    public func start() throws(BlksnapError) {
+        if filesystem.isStale {
+            // A blksnapd killed while serving: its loop devices read a dead
+            // FUSE file and fail every request. Unbind them (the kernel does
+            // it when their last user closes them) and take the mount away.
+            for index in LoopDevice.bound(toFilesUnder: filesystem.mountpoint + "/") {
+                LoopDevice.detach(index)
+                logger.warning("blksnapd: \(LoopDevice.path(index)) was served by a blksnapd that died; it fails every request and is unbound once nothing holds it")
+            }
+            filesystem.detachStaleMount()
+        }
+        try filesystem.start()
+    }
     public func stop() {
         filesystem.stop()
         rmdir(filesystem.mountpoint)   // made by start; empty once unmounted
     }
 
     public func reserve(image: Bool) throws(BlksnapError) -> MadeDevice {
+        if !image {
+            // Indices given back while still open (a mounted device that
+            // was detached or died with its server) are free by now.
+            lock.withLock { unremoved = unremoved.filter { !LoopDevice.remove($0) } }
+        }
         let index = image ? try LoopDevice.lowestFree() : try LoopDevice.addFree(atOrAbove: routedBase)
         let devId = try LoopDevice.ensureNode(index)
         return MadeDevice(name: "loop\(index)", node: LoopDevice.path(index), devId: devId, index: index)
     }
 
-    public func bind(_ made: MadeDevice, to device: any BlockDevice) throws(BlksnapError) {
+    public func bind(_ made: MadeDevice, to device: any BlockDevice, backend: String) throws(BlksnapError) {
         let name = lock.withLock { () -> String in
             counter += 1
             return "\(device is SnapImage ? "image" : "routed")\(counter)"
@@ -58,6 +80,22 @@ public final class FuseLoopDevices: DeviceMaker, @unchecked Sendable {
     /// Routed devices' loop indices were added for them and go away; image
     /// indices are the kernel's free pool and stay.
     public func release(_ made: MadeDevice) {
-        if made.index >= routedBase { LoopDevice.remove(made.index) }
+        if made.index >= routedBase, !LoopDevice.remove(made.index) {
+            lock.withLock { _ = unremoved.insert(made.index) }
+        }
+    }
+
+    // MARK: after a crash
+
+    /// FUSE has no reconnect: the kernel aborts a FUSE connection whose
+    /// server dies, and a loop device cannot be moved to another file.
+    public func reclaim(_ made: MadeDevice, as device: any BlockDevice, backend: String) throws(BlksnapError) {
+        throw BlksnapError(.notSupported, "a FUSE+loop device cannot outlive the blksnapd that served it")
+    }
+
+    /// `start` already unbound the dead loop devices; routed indices were
+    /// added for them and go once free.
+    public func abandon(_ made: MadeDevice, backend: String) {
+        release(made)
     }
 }

@@ -1,4 +1,5 @@
 import BlksnapABI
+import BlksnapDevices
 import BlksnapEngine
 import CBlksnapLinux
 import SystemPackage
@@ -53,8 +54,10 @@ public enum LoopDevice {
         }
     }
 
-    public static func remove(_ index: Int) {
-        _ = try? withControl { (fd) throws(BlksnapError) in _ = ioctl(fd, LOOP_CTL_REMOVE, CInt(index)) }
+    /// Removes an unbound loop device; false while it is still open (EBUSY).
+    @discardableResult
+    public static func remove(_ index: Int) -> Bool {
+        (try? withControl { (fd) throws(BlksnapError) in ioctl(fd, LOOP_CTL_REMOVE, CInt(index)) >= 0 || errno == ENODEV }) ?? false
     }
 
     /// Makes sure /dev/loopN exists (devtmpfs makes it; a bare /dev may not).
@@ -107,5 +110,20 @@ public enum LoopDevice {
         guard fd >= 0 else { return }
         _ = ioctl(fd, LOOP_CLR_FD, CInt(0))
         close(fd)
+    }
+
+    /// Loop devices whose backing file's path starts with `prefix`
+    /// (/sys/block/loopN/loop/backing_file).
+    public static func bound(toFilesUnder prefix: String) -> [Int] {
+        guard let dir = opendir("/sys/block") else { return [] }
+        defer { closedir(dir) }
+        var found: [Int] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            guard name.hasPrefix("loop"), let i = Int(name.dropFirst(4)),
+                  let file = readAttribute("/sys/block/\(name)/loop/backing_file"), file.hasPrefix(prefix) else { continue }
+            found.append(i)
+        }
+        return found.sorted()
     }
 }

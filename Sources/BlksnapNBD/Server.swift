@@ -234,12 +234,16 @@ public final class Server: @unchecked Sendable {
 
     /// Serves the kernel's nbd driver on one end of a socketpair: it skips
     /// the handshake and speaks simple replies, so `export` is fixed here.
-    public func serveKernel(connectedSocket fd: Int32, export: Export) {
+    /// `onLost` runs when the connection ends while the server still runs:
+    /// the kernel shut its end (a request outlived its timeout, or the
+    /// device was disconnected).
+    public func serveKernel(connectedSocket fd: Int32, export: Export, onLost: (@Sendable () -> Void)? = nil) {
         serve(fd, preNegotiated: Negotiated(export: export, structuredReplies: false, metaContexts: [],
-                                           transmissionFlags: export.transmissionFlags(structuredReplies: false)))
+                                           transmissionFlags: export.transmissionFlags(structuredReplies: false)),
+              onLost: onLost)
     }
 
-    private func serve(_ fd: Int32, preNegotiated: Negotiated?) {
+    private func serve(_ fd: Int32, preNegotiated: Negotiated?, onLost: (@Sendable () -> Void)? = nil) {
         let stream = SocketStream(fd: fd)
         let id: Int? = lock.withLock {
             guard !stopping else { return nil }
@@ -256,7 +260,11 @@ public final class Server: @unchecked Sendable {
             Connection(id: id, stream: stream, exports: exports, limits: limits, logger: logger)
                 .run(preNegotiated: preNegotiated)
             stream.close()
-            lock.withLock { connections[id] = nil }
+            let stopped = lock.withLock {
+                connections[id] = nil
+                return stopping
+            }
+            if !stopped { onLost?() }
             threadDone()
         }
     }

@@ -4,6 +4,10 @@
  * after a daemon restart (the dead-connection timeout keeps the device
  * alive meanwhile), and disconnect. Netlink rather than the ioctls, because
  * only netlink gives a device that survives its server's death.
+ *
+ * The backend identifier (/sys/block/nbdN/backend) names what a device
+ * serves; the kernel refuses a reconfigure that names another, so a
+ * restarted daemon cannot hand its disk to someone else's nbd device.
  */
 #define _GNU_SOURCE
 #include "CBlksnapLinux.h"
@@ -132,8 +136,15 @@ int blksnap_nbd_available(void)
 	return f < 0 ? f : 0;
 }
 
+static void put_backend(struct message *m, const char *backend)
+{
+	if (backend)
+		put_attr(m, NBD_ATTR_BACKEND_IDENTIFIER, backend, strnlen(backend, 255) + 1);
+}
+
 int blksnap_nbd_connect(uint32_t index, int sockfd, uint64_t size, uint64_t block_size,
-			uint64_t server_flags, uint64_t timeout_s, uint64_t dead_timeout_s)
+			uint64_t server_flags, uint64_t timeout_s, uint64_t dead_timeout_s,
+			const char *backend)
 {
 	struct message m;
 	int r = start(&m, NBD_CMD_CONNECT);
@@ -145,11 +156,12 @@ int blksnap_nbd_connect(uint32_t index, int sockfd, uint64_t size, uint64_t bloc
 	put_u64(&m, NBD_ATTR_SERVER_FLAGS, server_flags);
 	put_u64(&m, NBD_ATTR_TIMEOUT, timeout_s);
 	put_u64(&m, NBD_ATTR_DEAD_CONN_TIMEOUT, dead_timeout_s);
+	put_backend(&m, backend);
 	put_socket(&m, sockfd);
 	return transact(&m, NULL);
 }
 
-int blksnap_nbd_reconfigure(uint32_t index, int sockfd, uint64_t dead_timeout_s)
+int blksnap_nbd_reconfigure(uint32_t index, int sockfd, uint64_t dead_timeout_s, const char *backend)
 {
 	struct message m;
 	int r = start(&m, NBD_CMD_RECONFIGURE);
@@ -157,6 +169,7 @@ int blksnap_nbd_reconfigure(uint32_t index, int sockfd, uint64_t dead_timeout_s)
 		return r;
 	put_u32(&m, NBD_ATTR_INDEX, index);
 	put_u64(&m, NBD_ATTR_DEAD_CONN_TIMEOUT, dead_timeout_s);
+	put_backend(&m, backend);
 	put_socket(&m, sockfd);
 	return transact(&m, NULL);
 }

@@ -135,10 +135,11 @@ struct Blksnapd: ParsableCommand {
         let maker: any DeviceMaker = useNbd
             ? KernelNbdDevices(server: nbd, logger: logger)
             : FuseLoopDevices(mountpoint: stateDir + "/devices", logger: logger)
-        let dataPlane = DataPlane(maker: maker, logger: logger)
+        // devices.json: what a blksnapd started after this one was killed
+        // finds and serves again (kernel NBD) or undoes.
+        let dataPlane = DataPlane(maker: maker, logger: logger, listPath: stateDir + "/devices.json",
+                                  openURI: { uri throws(BlksnapError) in try NbdBlockDevice(uri: uri) })
         let engine = Engine(settings: settings, hooks: dataPlane, logger: logger, logFile: logFile)
-        try dataPlane.start(engine: engine)
-        defer { dataPlane.stop() }
         let exports = ExportList()
         let exportLogger = logger
         dataPlane.onDevice = { [weak engine] event in
@@ -159,6 +160,8 @@ struct Blksnapd: ParsableCommand {
                 exports.remove(name)
             }
         }
+        try dataPlane.start(engine: engine)
+        defer { dataPlane.stop() }
 
         let control = Control(engine: engine)
         let server = ControlServer(path: stateDir + "/control.sock", control: control, logger: logger)
@@ -245,12 +248,7 @@ enum DeviceRequests {
             switch type {
             case BLKSNAP_CONTROL_ATTACH.rawValue:
                 let request = try JSONDecoder().decode(Attach.self, from: Data(payload))
-                let attached: DataPlane.Attached
-                if ["nbd://", "nbds://", "nbd+unix://", "nbds+unix://", "nbd+vsock://"].contains(where: request.backing.hasPrefix) {
-                    attached = try plane.attach(backing: NbdBlockDevice(uri: request.backing), label: request.backing)
-                } else {
-                    attached = try plane.attach(backingPath: request.backing, size: request.size)
-                }
+                let attached = try plane.attach(backing: request.backing, size: request.size)
                 return (0, Array(try JSONEncoder().encode(attached)))
             default:
                 let request = try JSONDecoder().decode(Detach.self, from: Data(payload))

@@ -1,0 +1,114 @@
+import BlksnapABI
+import BlksnapEngine
+import FoundationEssentials
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The devices a data plane has made, kept in a file of the state
+/// directory (devices.json) so that a blksnapd started after one that was
+/// killed can find them: routed devices to serve again, images to undo
+/// (their snapshots died with the engine's memory).
+///
+/// The file is rewritten whole on every change (write, fsync, rename), so
+/// a kill at any moment leaves either the old list or the new one.
+public struct SavedDevices: Codable, Equatable, Sendable {
+    public struct Device: Codable, Equatable, Sendable {
+        /// The maker's kind ("kernel NBD", "FUSE+loop"): a blksnapd making
+        /// another kind leaves the device alone.
+        public var kind: String
+        public var name: String
+        public var node: String
+        public var major: UInt32
+        public var minor: UInt32
+        public var index: Int
+        /// What the device serves, as the kernel knows it (nbd's backend
+        /// identifier): a device showing another one is not ours.
+        public var backend: String
+        /// Routed devices: the backing as attach was given it, and its size
+        /// then (a backing that changed size is not reconnected).
+        public var backing: String?
+        public var sizeBytes: UInt64?
+        /// Images: the nodes made for them (/dev/blksnap-imageN, /dev/block link).
+        public var nodes: [String]?
+
+        public init(kind: String, made: MadeDevice, backend: String, backing: String? = nil,
+                    sizeBytes: UInt64? = nil, nodes: [String]? = nil) {
+            (self.kind, self.name, self.node, self.index, self.backend) = (kind, made.name, made.node, made.index, backend)
+            (self.major, self.minor) = (made.devId.major, made.devId.minor)
+            (self.backing, self.sizeBytes, self.nodes) = (backing, sizeBytes, nodes)
+        }
+
+        public var made: MadeDevice {
+            MadeDevice(name: name, node: node, devId: DevId(major: major, minor: minor), index: index)
+        }
+    }
+
+    public var routed: [Device] = []
+    public var images: [Device] = []
+
+    public init(routed: [Device] = [], images: [Device] = []) {
+        (self.routed, self.images) = (routed, images)
+    }
+
+    public var isEmpty: Bool { routed.isEmpty && images.isEmpty }
+
+    /// The list at `path`; empty when there is none. A file that cannot be
+    /// read as a list is an error: devices may be waiting in it.
+    public static func load(from path: String) throws(BlksnapError) -> SavedDevices {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else {
+            if errno == ENOENT { return SavedDevices() }
+            throw BlksnapError(Errno(rawValue: errno), "cannot read \(path)")
+        }
+        defer { close(fd) }
+        var bytes: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n < 0, errno == EINTR { continue }
+            guard n >= 0 else { throw BlksnapError(Errno(rawValue: errno), "cannot read \(path)") }
+            if n == 0 { break }
+            bytes += buffer[..<n]
+        }
+        do {
+            return try JSONDecoder().decode(SavedDevices.self, from: Data(bytes))
+        } catch {
+            throw BlksnapError(.invalidArgument, "\(path) is not a device list (\(error)); move it away to start afresh")
+        }
+    }
+
+    /// Replaces the list at `path`; an empty list removes the file.
+    public func store(to path: String) throws(BlksnapError) {
+        if isEmpty {
+            guard unlink(path) == 0 || errno == ENOENT else { throw BlksnapError(Errno(rawValue: errno), "cannot remove \(path)") }
+            return
+        }
+        let bytes: [UInt8]
+        do {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+            bytes = Array(try encoder.encode(self))
+        } catch {
+            throw BlksnapError(.invalidArgument, "cannot encode the device list: \(error)")
+        }
+        let temporary = path + ".new"
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw BlksnapError(Errno(rawValue: errno), "cannot write \(temporary)") }
+        var written = 0
+        while written < bytes.count {
+            let n = bytes[written...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            if n < 0, errno == EINTR { continue }
+            guard n > 0 else {
+                let e = errno
+                close(fd)
+                throw BlksnapError(Errno(rawValue: e), "cannot write \(temporary)")
+            }
+            written += n
+        }
+        fsync(fd)
+        close(fd)
+        guard rename(temporary, path) == 0 else { throw BlksnapError(Errno(rawValue: errno), "cannot replace \(path)") }
+    }
+}
