@@ -74,3 +74,49 @@ mount_at() {  # mount_at DEV DIR [OPTIONS]
     mount ${3:+-o "$3"} "$1" "$2"
     cleanup_fn "umount -l '$2' 2>/dev/null"
 }
+
+# start_writer DIR: in the background, a new 256 KiB file at a time in DIR,
+# written with fsync. A file is recorded in $writer_acked (as md5sum -c
+# reads it, with the checksum of what was written) only once its fsync
+# returned; a failed one is named in $writer_failed.
+writer_acked=$scratch/writer.acked.md5
+writer_failed=$scratch/writer.failed
+start_writer() {
+    : >"$writer_acked"
+    (
+        i=0
+        while [ ! -e "$scratch/writer.stop" ]; do
+            head -c 262144 /dev/urandom >"$scratch/writer.buffer"
+            sum=$(md5sum <"$scratch/writer.buffer")
+            if dd if="$scratch/writer.buffer" of="$1/f$i" bs=64k conv=fsync status=none 2>>"$scratch/writer.err"; then
+                echo "${sum%% *}  f$i" >>"$writer_acked"
+            else
+                echo "f$i" >>"$writer_failed"
+                sleep 0.2
+            fi
+            i=$((i + 1))
+        done
+    ) &
+    writer_pid=$!
+    cleanup_fn "stop_writer"
+}
+stop_writer() {
+    touch "$scratch/writer.stop"
+    wait "$writer_pid" 2>/dev/null || true
+}
+acked_count() { wc -l <"$writer_acked"; }
+wait_for_acked() {  # wait_for_acked N SECONDS: until N files are acknowledged
+    local deadline=$((SECONDS + $2))
+    while [ "$(acked_count)" -lt "$1" ] && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
+    [ "$(acked_count)" -ge "$1" ]
+}
+wait_for_file() {  # wait_for_file FILE SECONDS: until it has something in it
+    local deadline=$((SECONDS + $2))
+    while [ ! -s "$1" ] && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
+    [ -s "$1" ]
+}
+wait_for_grep() {  # wait_for_grep PATTERN FILE SECONDS
+    local deadline=$((SECONDS + $3))
+    until grep -q "$1" "$2" || [ $SECONDS -ge $deadline ]; do sleep 0.2; done
+    grep -q "$1" "$2"
+}

@@ -49,45 +49,13 @@ esac
 check "the image $image_id is /dev/blksnap-image0" test -b /dev/blksnap-image0
 check "the image's device is bound ($image_bound)" test -e "$image_bound"
 
-# The writer: a new 256 KiB file at a time, written with fsync; a file is
-# recorded as acknowledged (with the checksum of what was written) only
-# once its fsync returned.
-acked=$scratch/acked.md5
-: >"$acked"
-writer() {
-    local i=0 sum
-    while [ ! -e "$scratch/stop" ]; do
-        head -c 262144 /dev/urandom >"$scratch/buffer"
-        sum=$(md5sum <"$scratch/buffer")
-        if dd if="$scratch/buffer" of="$scratch/mnt/f$i" bs=64k conv=fsync status=none 2>>"$scratch/writer.err"; then
-            echo "${sum%% *}  f$i" >>"$acked"
-        else
-            echo "f$i" >>"$scratch/failed"
-            sleep 0.2
-        fi
-        i=$((i + 1))
-    done
-}
-writer &
-writer_pid=$!
-cleanup_fn "touch '$scratch/stop'; wait $writer_pid 2>/dev/null"
-count() { wc -l <"$acked"; }
-wait_for_count() {  # wait_for_count N SECONDS
-    local deadline=$((SECONDS + $2))
-    while [ "$(count)" -lt "$1" ] && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
-    [ "$(count)" -ge "$1" ]
-}
-wait_for_file() {  # wait_for_file FILE SECONDS: until it has something in it
-    local deadline=$((SECONDS + $2))
-    while [ ! -s "$1" ] && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
-    [ -s "$1" ]
-}
-check "the writer has 10 files acknowledged" wait_for_count 10 120
+start_writer "$scratch/mnt"
+check "the writer has 10 files acknowledged" wait_for_acked 10 120
 
 [ $kind = loop ] && check "$dev is bound to its FUSE file" test -s "/sys/block/${dev#/dev/}/loop/backing_file"
 kill -KILL "$blksnapd_pid"
 wait "$blksnapd_pid" 2>/dev/null || true
-at_kill=$(count)
+at_kill=$(acked_count)
 echo "# blksnapd killed with $at_kill files acknowledged"
 sleep 1
 start_blksnapd
@@ -104,10 +72,9 @@ if [ $kind = nbd ]; then
     check "${dev#/dev/} is exported over NBD again" grep -qF "\"${dev#/dev/}\"" "$scratch/status.json"
     # Requests in flight at the kill wait out the kernel's request timeout
     # (30 s), then go to the new connection.
-    check "the writer carries on: 10 more files acknowledged" wait_for_count $((at_kill + 10)) 180
-    touch "$scratch/stop"
-    wait "$writer_pid"
-    check "no write failed" test ! -s "$scratch/failed"
+    check "the writer carries on: 10 more files acknowledged" wait_for_acked $((at_kill + 10)) 180
+    stop_writer
+    check "no write failed" test ! -s "$writer_failed"
     check "$dev stayed mounted throughout" findmnt -n "$scratch/mnt"
     umount "$scratch/mnt"
     check "fsck finds the filesystem clean" e2fsck -n -f "$dev"
@@ -116,9 +83,8 @@ else
     check "the new blksnapd says the loop device died with the old one" \
         grep -q "was served by a blksnapd that died" "$scratch/blksnapd.log"
     check "the new blksnapd says how to carry on" grep -q "cannot be served again.*blksnapctl attach" "$scratch/blksnapd.log"
-    check "writes fail once the server is gone (no silent loss)" wait_for_file "$scratch/failed" 30
-    touch "$scratch/stop"
-    wait "$writer_pid"
+    check "writes fail once the server is gone (no silent loss)" wait_for_file "$writer_failed" 30
+    stop_writer
     umount "$scratch/mnt"
     umount "$scratch/store"
     check "the dead loop device is unbound once unmounted" \
@@ -128,7 +94,7 @@ else
     mount "$dev" "$scratch/mnt"   # replays the journal
 fi
 check "$at_kill files were acknowledged before the kill" test "$at_kill" -ge 10
-check "every acknowledged file is whole ($(count) files)" bash -c "cd '$scratch/mnt' && md5sum -c --quiet '$acked'"
+check "every acknowledged file is whole ($(acked_count) files)" bash -c "cd '$scratch/mnt' && md5sum -c --quiet '$writer_acked'"
 umount "$scratch/mnt"
 [ $kind = loop ] && check "fsck finds the filesystem clean" e2fsck -n -f "$dev"
 

@@ -52,6 +52,19 @@ struct Blksnapd: ParsableCommand {
         """)
     var devices: Devices = .auto
 
+    @Option(help: """
+        Kernel NBD devices: seconds a request may wait for blksnapd's reply before the \
+        kernel drops the connection and sends it again on a new one (blksnapd makes one \
+        at once). Requests in flight when blksnapd dies wait this long.
+        """)
+    var nbdRequestTimeout: UInt64 = 30
+
+    @Option(help: """
+        Kernel NBD devices: seconds the kernel holds the requests of a device whose \
+        blksnapd died; a blksnapd started again within them takes the device over.
+        """)
+    var nbdDeadTimeout: UInt64 = 60
+
     @Option(help: "Sectors asked for at snapshot creation and in each low-free-space event (module: diff_storage_minimum).")
     var diffStorageMinimum: UInt64 = EngineSettings().diffStorageMinimum
 
@@ -91,6 +104,7 @@ struct Blksnapd: ParsableCommand {
         guard (9...26).contains(trackingBlockMinimumShift), (9...26).contains(chunkMinimumShift) else {
             throw ValidationError("shifts must lie between 9 (512 bytes) and 26 (64 MiB)")
         }
+        guard nbdRequestTimeout >= 1, nbdDeadTimeout >= 1 else { throw ValidationError("NBD timeouts are at least 1 second") }
         guard diffStorageMinimum >= 16 else { throw ValidationError("--diff-storage-minimum is too small") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown log level \(logLevel)") }
     }
@@ -132,9 +146,15 @@ struct Blksnapd: ParsableCommand {
         // Routed devices and images: kernel NBD devices where the kernel
         // has them, else FUSE files with loop devices on them.
         let useNbd = devices == .nbd || (devices == .auto && KernelNbdDevices.available)
-        let maker: any DeviceMaker = useNbd
-            ? KernelNbdDevices(server: nbd, logger: logger)
-            : FuseLoopDevices(mountpoint: stateDir + "/devices", logger: logger)
+        let maker: any DeviceMaker
+        if useNbd {
+            let nbdDevices = KernelNbdDevices(server: nbd, logger: logger)
+            nbdDevices.requestTimeout = nbdRequestTimeout
+            nbdDevices.deadConnectionTimeout = nbdDeadTimeout
+            maker = nbdDevices
+        } else {
+            maker = FuseLoopDevices(mountpoint: stateDir + "/devices", logger: logger)
+        }
         // devices.json: what a blksnapd started after this one was killed
         // finds and serves again (kernel NBD) or undoes.
         let dataPlane = DataPlane(maker: maker, logger: logger, listPath: stateDir + "/devices.json",
