@@ -33,7 +33,7 @@ check "the saved list names $dev" grep -qF "\"$dev\"" "$state/devices.json"
 
 # A taken snapshot whose image is a device at the kill: snapshots live in
 # the engine's memory, so the new blksnapd undoes the image's device.
-read -r store _ < <(attach "$scratch/store.img" $((160 << 20)))
+read -r store _ < <(attach "$scratch/store.img" 160M)
 mkfs.ext4 -q -F "$store"
 mount_at "$store" "$scratch/store"
 fallocate -l 128M "$scratch/store/diff"

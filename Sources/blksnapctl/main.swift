@@ -93,8 +93,8 @@ struct Attach: ParsableCommand {
     @Argument(help: "The file, block device or NBD URI to route.")
     var backing: String
 
-    @Option(help: "Size in bytes for a regular file (grown if smaller).")
-    var size: UInt64?
+    @Option(help: "Size of a regular file (grown if smaller): bytes, or with K, M, G or T (powers of 1024), e.g. 10G.")
+    var size: ByteCount?
 
     func run() throws {
         var path = backing
@@ -105,7 +105,7 @@ struct Attach: ParsableCommand {
         struct Request: Codable { var backing: String; var size: UInt64? }
         let client = try ControlClient(path: options.socket)
         let (result, payload) = try client.request(type: BLKSNAP_CONTROL_ATTACH.rawValue,
-                                                   payload: Array(try JSONEncoder().encode(Request(backing: path, size: size))))
+                                                   payload: Array(try JSONEncoder().encode(Request(backing: path, size: size?.bytes))))
         guard result == 0 else { throw failure("attach", result, payload) }
         struct Attached: Codable { var node: String; var devId: String }
         let attached = try JSONDecoder().decode(Attached.self, from: Data(payload))
@@ -253,5 +253,22 @@ extension String {
         var s = self
         while s.last == " " { s.removeLast() }
         return s
+    }
+}
+
+/// A size as people write it: 1048576, 512M, 10G.
+struct ByteCount: ExpressibleByArgument {
+    var bytes: UInt64
+
+    init?(argument: String) {
+        let shifts: [Character: UInt64] = ["K": 10, "M": 20, "G": 30, "T": 40]
+        var digits = Substring(argument)
+        var shift: UInt64 = 0
+        if let last = digits.last?.uppercased().first, let s = shifts[last] {
+            shift = s
+            digits = digits.dropLast()
+        }
+        guard let n = UInt64(digits), n <= UInt64.max >> shift else { return nil }
+        bytes = n << shift
     }
 }
