@@ -1,8 +1,5 @@
 import BlksnapABI
 import BlksnapEngine
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// A kernel block device made for a routed device or an image.
 public struct MadeDevice: Sendable, Equatable {
@@ -52,13 +49,3 @@ public protocol DeviceMaker: AnyObject, Sendable {
     func abandon(_ made: MadeDevice, backend: String)
 }
 
-/// The first line of a small kernel attribute file (sysfs), or nil.
-public func readAttribute(_ path: String) -> String? {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { return nil }
-    defer { close(fd) }
-    var buffer = [UInt8](repeating: 0, count: 4096)
-    let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-    guard n >= 0 else { return nil }
-    return String(decoding: buffer[..<n].prefix { $0 != 0x0a }, as: UTF8.self)
-}

@@ -57,20 +57,11 @@ public struct SavedDevices: Codable, Equatable, Sendable {
     /// The list at `path`; empty when there is none. A file that cannot be
     /// read as a list is an error: devices may be waiting in it.
     public static func load(from path: String) throws(BlksnapError) -> SavedDevices {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else {
-            if errno == ENOENT { return SavedDevices() }
-            throw BlksnapError(Errno(rawValue: errno), "cannot read \(path)")
-        }
-        defer { close(fd) }
-        var bytes: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-            if n < 0, errno == EINTR { continue }
-            guard n >= 0 else { throw BlksnapError(Errno(rawValue: errno), "cannot read \(path)") }
-            if n == 0 { break }
-            bytes += buffer[..<n]
+        let bytes: [UInt8]
+        do {
+            bytes = try readFile(path)
+        } catch where error.errno == .noSuchFileOrDirectory {
+            return SavedDevices()
         }
         do {
             return try JSONDecoder().decode(SavedDevices.self, from: Data(bytes))
@@ -94,21 +85,16 @@ public struct SavedDevices: Codable, Equatable, Sendable {
             throw BlksnapError(.invalidArgument, "cannot encode the device list: \(error)")
         }
         let temporary = path + ".new"
-        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw BlksnapError(Errno(rawValue: errno), "cannot write \(temporary)") }
-        var written = 0
-        while written < bytes.count {
-            let n = bytes[written...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-            if n < 0, errno == EINTR { continue }
-            guard n > 0 else {
-                let e = errno
-                close(fd)
-                throw BlksnapError(Errno(rawValue: e), "cannot write \(temporary)")
+        do {
+            let fd = try FileDescriptor.open(temporary, .writeOnly, options: [.create, .truncate, .closeOnExec],
+                                             permissions: [.ownerReadWrite])
+            try fd.closeAfter {
+                _ = try fd.writeAll(bytes)
+                fsync(fd.rawValue)
             }
-            written += n
+        } catch {
+            throw BlksnapError(error as? Errno ?? .ioError, "cannot write \(temporary)")
         }
-        fsync(fd)
-        close(fd)
         guard rename(temporary, path) == 0 else { throw BlksnapError(Errno(rawValue: errno), "cannot replace \(path)") }
     }
 }

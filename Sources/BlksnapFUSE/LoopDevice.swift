@@ -115,15 +115,8 @@ public enum LoopDevice {
     /// Loop devices whose backing file's path starts with `prefix`
     /// (/sys/block/loopN/loop/backing_file).
     public static func bound(toFilesUnder prefix: String) -> [Int] {
-        guard let dir = opendir("/sys/block") else { return [] }
-        defer { closedir(dir) }
-        var found: [Int] = []
-        while let entry = readdir(dir) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            guard name.hasPrefix("loop"), let i = Int(name.dropFirst(4)),
-                  let file = readAttribute("/sys/block/\(name)/loop/backing_file"), file.hasPrefix(prefix) else { continue }
-            found.append(i)
+        blockDeviceIndices(named: "loop").filter {
+            readAttribute("/sys/block/loop\($0)/loop/backing_file")?.hasPrefix(prefix) == true
         }
-        return found.sorted()
     }
 }

@@ -54,17 +54,8 @@ public final class KernelNbdDevices: DeviceMaker, @unchecked Sendable {
 
     public func stop() {}
 
-    /// The nbd indices the kernel has, from /sys/block.
-    private func indices() -> [Int] {
-        var found: [Int] = []
-        guard let dir = opendir("/sys/block") else { return [] }
-        defer { closedir(dir) }
-        while let entry = readdir(dir) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            if name.hasPrefix("nbd"), let i = Int(name.dropFirst(3)) { found.append(i) }
-        }
-        return found.sorted()
-    }
+    /// The nbd indices the kernel has.
+    private func indices() -> [Int] { blockDeviceIndices(named: "nbd") }
 
     /// A device is configured (has a server, live or dead) while the
     /// kernel shows its pid.
