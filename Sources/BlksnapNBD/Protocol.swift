@@ -249,6 +249,9 @@ extension NBDRequest {
         guard let command else {
             return RequestRejection(NBD.eInval, "unknown command \(type)")
         }
+        // DISC gets no reply whatever its flags: the spec has the server
+        // close, and an error reply would be read as the answer to nothing.
+        if command == .disconnect { return nil }
         let unknownFlags = flags & ~command.allowedFlags(structuredReplies: state.structuredReplies)
         if unknownFlags != 0 {
             return RequestRejection(NBD.eInval, "\(command): flags 0x\(String(unknownFlags, radix: 16)) are not valid")

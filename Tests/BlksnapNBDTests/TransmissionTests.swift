@@ -185,6 +185,34 @@ func run(_ script: ClientScript, exports: [Export], workers: Int = 4,
         #expect(stream.consumed == script.bytes.count - NBD.requestHeaderSize)
     }
 
+    /// The spec: a server that advertises FUA must accept the flag on any
+    /// command; on FLUSH it means nothing more than FLUSH.
+    @Test func flushWithFuaIsAFlush() {
+        let probe = ProbeDevice(size: 1 << 20)
+        let export = Export(name: "disk", device: probe)
+        let script = transmission(structured: false) {
+            $0.request(.flush, handle: 1, flags: NBD.cmdFlagFUA)
+        }
+        #expect(run(script, exports: [export]) == [.simple(handle: 1, error: 0, data: [])])
+        #expect(probe.flushes.load(ordering: .relaxed) == 1)
+    }
+
+    /// NBD_CMD_DISC never gets a reply, whatever its flags: the server
+    /// just closes, as it would for a plain DISC.
+    @Test func disconnectWithUnknownFlagsStillDisconnects() {
+        let (export, _) = memoryExport()
+        let script = transmission(structured: false) {
+            $0.request(.flush, handle: 1)
+            $0.request(.disconnect, handle: 2, flags: 0x8000)
+            $0.request(.flush, handle: 3)
+        }
+        let (out, stream) = converse(script, exports: [export])
+        var o = out
+        skipHandshake(&o)
+        #expect(o.replies() == [.simple(handle: 1, error: 0, data: [])])
+        #expect(stream.consumed == script.bytes.count - NBD.requestHeaderSize)
+    }
+
     @Test func fuaWriteIsFlushedBeforeTheReply() {
         let probe = ProbeDevice(size: 1 << 20)
         let export = Export(name: "disk", device: probe)
