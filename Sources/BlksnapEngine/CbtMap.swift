@@ -67,8 +67,10 @@ public final class CbtMap: @unchecked Sendable {
     @inline(__always)
     private func blocks(offset: UInt64, length: UInt64) -> ClosedRange<Int>? {
         guard length > 0 else { return nil }
+        let (end, overflow) = offset.addingReportingOverflow(length)
+        guard !overflow else { return nil }
         let first = offset >> UInt64(blockShift)
-        let last = (offset + length - 1) >> UInt64(blockShift)
+        let last = (end - 1) >> UInt64(blockShift)
         guard last < UInt64(blockCount) else { return nil }
         return Int(first)...Int(last)
     }

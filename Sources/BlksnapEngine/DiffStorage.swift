@@ -24,6 +24,8 @@ public struct DiffRegion: @unchecked Sendable {
 public final class DiffStorage: @unchecked Sendable {
     private struct Range {
         let device: any BlockDevice
+        /// The device the tools named; overlap is judged by it.
+        let deviceId: DevId
         let firstSector: UInt64
         let sectorCount: UInt64
         var used: UInt64 = 0
@@ -58,22 +60,39 @@ public final class DiffStorage: @unchecked Sendable {
     public var filledSectors: UInt64 { lock.withLock { _filled } }
     public var requestedSectors: UInt64 { lock.withLock { _requested } }
 
-    /// SNAPSHOT_APPEND_STORAGE: ranges must lie within `device`.
-    public func append(device: any BlockDevice, ranges new: [SectorRange]) throws(BlksnapError) {
+    /// The first range of `deviceId` this storage holds that overlaps
+    /// `range`, if any.
+    func held(overlapping range: SectorRange, on deviceId: DevId) -> SectorRange? {
+        lock.withLock {
+            ranges.first {
+                $0.deviceId == deviceId && range.count > 0 && $0.sectorCount > 0
+                    && $0.firstSector < range.offset &+ range.count && range.offset < $0.firstSector + $0.sectorCount
+            }.map { SectorRange(offset: $0.firstSector, count: $0.sectorCount) }
+        }
+    }
+
+    /// SNAPSHOT_APPEND_STORAGE: ranges must lie within `device`, numbered
+    /// `deviceId`. Overlap with other snapshots is the engine's to check.
+    public func append(device: any BlockDevice, deviceId: DevId, ranges new: [SectorRange]) throws(BlksnapError) {
+        try Self.check(new, within: device)
+        lock.withLock {
+            for r in new where r.count > 0 {
+                ranges.append(Range(device: device, deviceId: deviceId, firstSector: r.offset, sectorCount: r.count))
+                _capacity += r.count
+            }
+            if lowSpaceFlag && _capacity >= _requested { lowSpaceFlag = false }
+        }
+    }
+
+    /// EINVAL unless every range lies within `device`.
+    static func check(_ ranges: [SectorRange], within device: any BlockDevice) throws(BlksnapError) {
         let deviceSectors = device.size >> sectorShift
-        for r in new {
+        for r in ranges {
             let (end, overflow) = r.offset.addingReportingOverflow(r.count)
             guard !overflow, end <= deviceSectors else {
                 throw BlksnapError(.invalidArgument,
                                    "storage range \(r.offset)+\(r.count) is past the end of its \(deviceSectors)-sector device")
             }
-        }
-        lock.withLock {
-            for r in new where r.count > 0 {
-                ranges.append(Range(device: device, firstSector: r.offset, sectorCount: r.count))
-                _capacity += r.count
-            }
-            if lowSpaceFlag && _capacity >= _requested { lowSpaceFlag = false }
         }
     }
 

@@ -245,16 +245,40 @@ public final class Engine: @unchecked Sendable {
         return try host.open(devId)
     }
 
-    /// SNAPSHOT_APPEND_STORAGE.
+    /// SNAPSHOT_APPEND_STORAGE. A range some live snapshot already holds
+    /// is refused (EBUSY): two snapshots storing chunks in the same sectors
+    /// would overwrite each other's copies, a hole the module leaves open.
+    /// The check and the append happen under the engine lock, so two
+    /// appends cannot both pass it.
     public func appendStorage(_ id: UUID16, device devId: DevId, ranges: [SectorRange]) throws(BlksnapError) {
-        let (snapshot, device) = try lock.withLock { () throws(BlksnapError) -> (Snapshot, (any BlockDevice)?) in
-            guard let s = snapshotLocked(id) else { throw BlksnapError(.noSuchProcess, "no snapshot \(id)") }
-            return (s, ranges.isEmpty ? nil : try resolveStorage(devId))
+        try lock.withLock { () throws(BlksnapError) in
+            guard let snapshot = snapshotLocked(id) else { throw BlksnapError(.noSuchProcess, "no snapshot \(id)") }
+            guard !ranges.isEmpty else { return }
+            let device = try resolveStorage(devId)
+            try DiffStorage.check(ranges, within: device)
+            for (i, r) in ranges.enumerated() where r.count > 0 {
+                let end = r.offset + r.count
+                if let twin = ranges[..<i].first(where: { $0.count > 0 && $0.offset < end && r.offset < $0.offset + $0.count }) {
+                    throw storageBusy(r, devId, "range \(twin.offset)+\(twin.count) of the same request")
+                }
+                for other in snapshots {
+                    if let held = other.storage.held(overlapping: r, on: devId) {
+                        let holder = other.id == id ? "this snapshot" : "snapshot \(other.id)"
+                        throw storageBusy(r, devId, "\(holder) (range \(held.offset)+\(held.count))")
+                    }
+                }
+            }
+            try snapshot.storage.append(device: device, deviceId: devId, ranges: ranges)
         }
-        guard let device else { return }
-        try snapshot.storage.append(device: device, ranges: ranges)
         let total = ranges.reduce(0) { $0 + $1.count }
         logger.info("blksnap-diff-storage: snapshot \(id) gets \(total) sectors in \(ranges.count) range(s) on \(devId)")
+    }
+
+    private func storageBusy(_ r: SectorRange, _ devId: DevId, _ holder: String) -> BlksnapError {
+        let error = BlksnapError(.resourceBusy,
+                                 "storage range \(r.offset)+\(r.count) on \(devId) is already held by \(holder)")
+        logger.error("blksnap-diff-storage: \(error.message)")
+        return error
     }
 
     /// SNAPSHOT_TAKE: atomic across the snapshot's devices. Writes are held

@@ -153,6 +153,8 @@ private struct AppendPiece: Equatable, Sendable {
 
 private enum AppendVariant: Equatable, Sendable {
     case normal, missingDevice, pastEnd
+    /// A range that overlaps one some live snapshot holds: EBUSY.
+    case overlapping
 }
 
 private struct Mismatch: Error, CustomStringConvertible {
@@ -229,6 +231,8 @@ private final class ModelSnapshot {
     var events: [ModelEvent] = []
     /// Storage disk extents (sectors) this snapshot holds until DESTROY.
     var extents: [(start: UInt64, count: UInt64)] = []
+    /// The ranges the engine was given (extents less their gaps).
+    var held: [SectorRange] = []
     /// Events WAIT_EVENT gave: corrupted events per device and error.
     var corruptedSeen: [(dev: DevId, err: Int32)] = []
 
@@ -578,6 +582,22 @@ private final class Harness {
             var held: [(start: UInt64, count: UInt64)] = []
             var device = Rig.storageId
             var expected: Int32 = 0
+            if let s, variant == .overlapping {
+                // One sector inside a range a live snapshot holds, chosen by
+                // the piece's numbers so a seed replays it.
+                let holders = live.flatMap(\.held)
+                guard !holders.isEmpty, let p = pieces.first else {
+                    stats.skipped += 1
+                    return
+                }
+                let h = holders[Int(p.sectors) % holders.count]
+                let sector = h.offset + p.gap % h.count
+                let (_, err) = errnoOf { try engine.appendStorage(s.id, device: Rig.storageId,
+                                                                  ranges: [SectorRange(offset: sector, count: 1)]) }
+                stats.note("append", err)
+                try check(err == Errno_.EBUSY, "append over \(h) at \(sector): engine \(Errno_.name(err)), model EBUSY")
+                return
+            }
             if s == nil || variant != .normal {
                 ranges = pieces.map { SectorRange(offset: $0.gap, count: $0.sectors) }
                 if variant == .missingDevice { device = Geo.missingId }
@@ -609,6 +629,7 @@ private final class Harness {
             try check(err == expected, "append \(ranges) on \(device): engine \(Errno_.name(err)), model \(Errno_.name(expected))")
             if let s, err == 0 {
                 s.extents += held
+                s.held += ranges.filter { $0.count > 0 }
                 for r in ranges where r.count > 0 {
                     s.ranges.append((r.count, 0))
                     s.capacity += r.count
@@ -1016,10 +1037,11 @@ private struct Generator {
 
         case .append:
             if !profile.undersized && rng.chance(9) {
-                let r = rng.below(3)
+                let r = rng.below(4)
                 let snap = r == 0 ? staleSelector() : (h.live.isEmpty ? 0 : rng.below(h.live.count))
-                return .append(snap: snap, pieces: [AppendPiece(sectors: UInt64(rng.within(0, 64)), gap: 0)],
-                               variant: r == 1 ? .missingDevice : (r == 2 ? .pastEnd : .normal))
+                let variants: [AppendVariant] = [.normal, .missingDevice, .pastEnd, .overlapping]
+                return .append(snap: snap, pieces: [AppendPiece(sectors: UInt64(rng.within(0, 64)), gap: UInt64(rng.within(0, 4096)))],
+                               variant: variants[r])
             }
             // Only snapshots that need space get more.
             // Undersized: at most about 40 chunks in all per snapshot.
@@ -1091,6 +1113,10 @@ private struct Generator {
 
         case .removeTracker:
             if rng.chance(3) { return .removeTracker(dev: 4) }
+            // Trackers live long in some profiles: aim at an untracked device
+            // now and then, so ENODATA is reached by design, not by luck.
+            let untracked = (0..<3).filter { h.trackers[$0] == nil }
+            if let d = untracked.randomElement(using: &rng), rng.chance(10) { return .removeTracker(dev: d) }
             let removable = (0..<3).filter { h.trackers[$0] != nil && h.snapshotOf($0) == nil }
             if let d = removable.randomElement(using: &rng), rng.chance(75) { return .removeTracker(dev: d) }
             return .removeTracker(dev: rng.below(3))
@@ -1241,6 +1267,7 @@ private let opsPerSeed = 10_000
         #expect(stats.saw("take", Errno_.EALREADY))
         #expect(stats.saw("take", Errno_.EFAULT))
         #expect(stats.saw("readCbt", Errno_.EPERM))
+        #expect(stats.saw("append", Errno_.EBUSY))
         if profile.name != "cycling" {
             #expect(stats.saw("removeTracker", Errno_.ENODATA))
             #expect(stats.saw("removeTracker", Errno_.EBUSY))
