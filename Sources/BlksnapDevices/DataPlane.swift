@@ -92,6 +92,11 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
     /// `size` when asked) or a block device (opened O_EXCL, so a mounted or
     /// held disk is refused).
     public func attach(backing: String, size: UInt64? = nil) throws(BlksnapError) -> Attached {
+        // The size comes from the control socket: a file cannot be larger
+        // than off_t holds, and the conversion below would trap on more.
+        if let size, size > UInt64(Int64.max) {
+            throw BlksnapError(.outOfRange, "size \(size) bytes is larger than any file can be (\(Int64.max) bytes)")
+        }
         if !isURI(backing) {
             var st = stat()
             if stat(backing, &st) != 0, errno == ENOENT, size != nil {

@@ -170,7 +170,7 @@ final class TrackedDisk: @unchecked Sendable {
         self.storageId = storageId
         // Room to copy every chunk once, plus the largest chunk for the
         // rounding at the end: the file is sparse, so it costs nothing.
-        let bytes = (size + (64 << 20) + 511) & ~511
+        let bytes = (size &+ (64 << 20) &+ 511) & ~511
         storageSectors = bytes >> 9
         let directory = getenv("TMPDIR").map { String(cString: $0) } ?? "/tmp"
         var template = Array("\(directory)/blksnap-nbd-store-XXXXXX".utf8CString)
@@ -178,7 +178,7 @@ final class TrackedDisk: @unchecked Sendable {
         guard fd >= 0 else { throw BlksnapError(.init(rawValue: errno), "cannot create difference storage") }
         let path = String(cString: template)
         defer { unlink(path) }
-        guard ftruncate(fd, off_t(bytes)) == 0 else {
+        guard bytes <= UInt64(Int64.max), ftruncate(fd, off_t(bytes)) == 0 else {
             close(fd)
             throw BlksnapError(.init(rawValue: errno), "cannot size difference storage")
         }
