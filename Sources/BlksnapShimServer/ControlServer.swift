@@ -29,6 +29,18 @@ public final class ControlServer: @unchecked Sendable {
     public var status: (@Sendable () -> EngineStatus)?
     /// Answers ATTACH and DETACH (the data plane); nil refuses them.
     public var deviceRequests: (@Sendable (UInt32, [UInt8]) -> (Int32, [UInt8]))?
+    /// Who may send requests: root. Tests swap it to play a stranger.
+    var admits: @Sendable (Int32, PeerCredentials?) -> Bool = { PeerPolicy.rootOnly.allows($0, $1) }
+
+    /// Connections served at once; one more is closed as it arrives. Each
+    /// costs a thread and at most one request's bytes (the request is read
+    /// as it comes, so a header that announces more than is sent costs
+    /// only what was sent).
+    public var maxConnections = 256
+    /// Payload caps for the requests that carry JSON: a path and a size
+    /// fit many times over; anything near them is not blksnapctl talking.
+    static let maxDeviceRequestBytes: UInt32 = 64 << 10
+    static let maxStatusRequestBytes: UInt32 = 0
 
     public init(path: String, control: Control, logger: Logger) {
         self.path = path
@@ -103,15 +115,21 @@ public final class ControlServer: @unchecked Sendable {
                 close(fd)
                 return
             }
-            let keep = lock.withLock { () -> Bool in
-                guard !stopped else { return false }
+            let keep = lock.withLock { () -> Bool? in
+                guard !stopped else { return nil }
+                guard connections.count < maxConnections else { return false }
                 connections.insert(c)
                 return true
             }
-            guard keep else {
+            guard let keep else {
                 close(c)
                 close(fd)
                 return
+            }
+            guard keep else {
+                logger.warning("blksnapd: \(maxConnections) control connections are open; refusing one more")
+                close(c)
+                continue
             }
             startThread { [self] in
                 serve(c)
@@ -121,32 +139,31 @@ public final class ControlServer: @unchecked Sendable {
         }
     }
 
-    private func peer(_ fd: Int32) -> (pid: pid_t, uid: uid_t) {
-        var pid: pid_t = 0, uid: uid_t = .max, gid: gid_t = .max
-        guard blksnap_peer_credentials(fd, &pid, &uid, &gid) == 0 else { return (0, .max) }
-        return (pid, uid)
-    }
-
     /// Answers requests until the peer hangs up.
     func serve(_ fd: Int32) {
-        let cred = peer(fd)
-        let allowed = cred.uid == 0
-        if !allowed {
-            logger.warning("blksnapd: refusing control requests from pid \(cred.pid) uid \(cred.uid): root only (EACCES)")
-        }
+        let cred = PeerCredentials.of(fd)
+        let allowed = admits(fd, cred)
+        let who = cred?.description ?? "an unknown peer"
         while let request = SocketIO.read(fd, as: blksnap_control_request.self, zero: blksnap_control_request()) {
             guard request.magic == BLKSNAP_CONTROL_MAGIC else {
-                logger.error("blksnapd: bad magic on the control socket from pid \(cred.pid); closing")
+                logger.error("blksnapd: bad magic on the control socket from \(who); closing")
                 return
             }
-            guard let reply = answer(fd, request, allowed: allowed) else { return }
+            // A stranger is answered at its first header, before a byte of
+            // what it announces is read, and then hung up on.
+            guard allowed else {
+                logger.warning("blksnapd: refusing a control request from \(who): root only (EACCES)")
+                _ = SocketIO.writeAll(fd, Self.reply(result: -Errno.permissionDenied.rawValue))
+                return
+            }
+            guard let reply = answer(fd, request) else { return }
             guard SocketIO.writeAll(fd, reply) else { return }
         }
     }
 
     /// Reads the rest of one request and builds its reply; nil when the
     /// stream is broken or malformed.
-    private func answer(_ fd: Int32, _ request: blksnap_control_request, allowed: Bool) -> [[UInt8]]? {
+    private func answer(_ fd: Int32, _ request: blksnap_control_request) -> [[UInt8]]? {
         switch request.type {
         case BLKSNAP_CONTROL_IOCTL.rawValue:
             var regions: [ShippedMemory.Region] = []
@@ -163,14 +180,20 @@ public final class ControlServer: @unchecked Sendable {
                 guard let bytes else { return nil }
                 regions.append(.init(address: header.address, flow: header.flow, length: Int(header.length), bytes: bytes))
             }
-            guard allowed else { return Self.reply(result: -Errno.permissionDenied.rawValue) }
             let result = control.dispatch(command: request.command, argument: request.argument,
                                           memory: ShippedMemory(regions: regions))
             return Self.reply(result: result.kernelResult, writes: result.writes)
         default:
-            guard request.payload_length <= BLKSNAP_CONTROL_MAX_BYTES,
-                  let payload = SocketIO.readBytes(fd, count: Int(request.payload_length)) else { return nil }
-            guard allowed else { return Self.reply(result: -Errno.permissionDenied.rawValue) }
+            let cap = switch request.type {
+            case BLKSNAP_CONTROL_STATUS.rawValue: Self.maxStatusRequestBytes
+            case BLKSNAP_CONTROL_ATTACH.rawValue, BLKSNAP_CONTROL_DETACH.rawValue: Self.maxDeviceRequestBytes
+            default: BLKSNAP_CONTROL_MAX_BYTES
+            }
+            guard request.payload_length <= cap else {
+                logger.error("blksnapd: control request type \(request.type) announces \(request.payload_length) bytes, over its \(cap); closing")
+                return nil
+            }
+            guard let payload = SocketIO.readBytes(fd, count: Int(request.payload_length)) else { return nil }
             switch request.type {
             case BLKSNAP_CONTROL_STATUS.rawValue:
                 let picture = status?() ?? control.engine.status()

@@ -20,10 +20,22 @@ enum SocketIO {
         return true
     }
 
+    /// What one read may take at a time: memory follows the bytes that
+    /// arrive, not the count a header announced.
+    static let piece = 1 << 20
+
+    /// `count` bytes, grown a piece at a time as they arrive.
     static func readBytes(_ fd: Int32, count: Int) -> [UInt8]? {
-        var bytes = [UInt8](repeating: 0, count: count)
-        let ok = bytes.withUnsafeMutableBytes { readFully(fd, $0) }
-        return ok ? bytes : nil
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(min(count, piece))
+        while bytes.count < count {
+            let n = min(count - bytes.count, piece)
+            let start = bytes.count
+            bytes += [UInt8](repeating: 0, count: n)
+            let ok = bytes.withUnsafeMutableBytes { readFully(fd, UnsafeMutableRawBufferPointer(rebasing: $0[start...])) }
+            guard ok else { return nil }
+        }
+        return bytes
     }
 
     static func read<T>(_ fd: Int32, as type: T.Type, zero: T) -> T? {

@@ -30,6 +30,19 @@ int blksnap_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid)
 	return 0;
 }
 
+int blksnap_peer_in_group(int fd, gid_t gid)
+{
+	gid_t groups[256];
+	socklen_t length = sizeof(groups);
+
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups, &length) != 0)
+		return -1;
+	for (size_t i = 0; i < length / sizeof(gid_t); i++)
+		if (groups[i] == gid)
+			return 1;
+	return 0;
+}
+
 int blksnap_accept_cloexec(int fd)
 {
 	return accept4(fd, NULL, NULL, SOCK_CLOEXEC);

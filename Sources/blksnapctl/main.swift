@@ -213,6 +213,9 @@ struct ControlClient {
         guard readFully(&reply, MemoryLayout<blksnap_control_reply>.size), reply.magic == BLKSNAP_CONTROL_MAGIC else {
             throw Failure(description: "blksnapd sent no reply")
         }
+        guard reply.payload_length <= BLKSNAP_CONTROL_MAX_BYTES else {
+            throw Failure(description: "blksnapd announced a \(reply.payload_length)-byte reply; not reading it")
+        }
         var body = [UInt8](repeating: 0, count: Int(reply.payload_length))
         guard body.withUnsafeMutableBytes({ readFully($0.baseAddress!, $0.count) }) || body.isEmpty else {
             throw Failure(description: "blksnapd's reply was cut short")

@@ -15,25 +15,53 @@ final class Harness {
     let engine: Engine
     let fd: Int32
 
-    init() throws {
+    init(configure: (ControlServer) -> Void = { _ in }) throws {
         var template = Array("/tmp/blksnap-ctl-XXXXXX".utf8CString)
         dir = String(cString: mkdtemp(&template)!)
         var logger = Logger(label: "test")
         logger.logLevel = .critical
         engine = Engine(logger: logger)
         server = ControlServer(path: dir + "/control.sock", control: Control(engine: engine), logger: logger)
+        configure(server)
         try server.start()
-        fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        fd = Harness.connect(server.path)
+        precondition(fd >= 0)
+    }
+
+    /// A new connection to `path`, or -1.
+    static func connect(_ path: String) -> Int32 {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         var address = sockaddr_un()
         address.sun_family = sa_family_t(AF_UNIX)
-        let path = server.path
         withUnsafeMutableBytes(of: &address.sun_path) { raw in
             for (i, b) in path.utf8.enumerated() { raw[i] = b }
         }
         let rc = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
-        precondition(rc == 0)
+        guard rc == 0 else {
+            close(fd)
+            return -1
+        }
+        return fd
+    }
+
+    /// Whether the server hung up on `fd` (end of stream) within 10 s.
+    static func hungUp(_ fd: Int32) -> Bool {
+        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        guard poll(&p, 1, 10_000) == 1 else { return false }
+        var byte: UInt8 = 0
+        return recv(fd, &byte, 1, 0) == 0
+    }
+
+    /// A request header alone, announcing what the caller chooses.
+    func header(type: blksnap_control_type, regions: UInt32 = 0, payload: UInt32 = 0) -> [UInt8] {
+        var header = blksnap_control_request()
+        header.magic = BLKSNAP_CONTROL_MAGIC
+        header.type = type.rawValue
+        header.region_count = regions
+        header.payload_length = payload
+        return SocketIO.bytes(of: header)
     }
 
     deinit {
@@ -164,5 +192,73 @@ final class Harness {
         #expect(SocketIO.writeAll(h.fd, [[UInt8](repeating: 0, count: 32)]))
         var byte: UInt8 = 0
         #expect(recv(h.fd, &byte, 1, 0) == 0)
+    }
+
+    /// A stranger is answered EACCES at its header and hung up on: the
+    /// 200 MiB it announces is never read, so it costs blksnapd nothing.
+    @Test func aStrangerIsRefusedBeforeItsPayloadIsRead() throws {
+        let h = try Harness { $0.admits = { _, _ in false } }
+        #expect(SocketIO.writeAll(h.fd, [h.header(type: BLKSNAP_CONTROL_ATTACH, payload: 200 << 20)]))
+        let reply = try #require(SocketIO.read(h.fd, as: blksnap_control_reply.self, zero: blksnap_control_reply()))
+        #expect(reply.magic == BLKSNAP_CONTROL_MAGIC)
+        #expect(reply.result == -EACCES)
+        #expect(Harness.hungUp(h.fd))
+    }
+
+    @Test func aStrangersIoctlIsRefusedBeforeItsRegionsAreRead() throws {
+        let h = try Harness { $0.admits = { _, _ in false } }
+        #expect(SocketIO.writeAll(h.fd, [h.header(type: BLKSNAP_CONTROL_IOCTL, regions: 3)]))
+        let reply = try #require(SocketIO.read(h.fd, as: blksnap_control_reply.self, zero: blksnap_control_reply()))
+        #expect(reply.result == -EACCES)
+        #expect(Harness.hungUp(h.fd))
+    }
+
+    /// ATTACH and DETACH carry a little JSON, STATUS nothing: a header
+    /// announcing more is hung up on without reading it.
+    static let overCaps: [(UInt32, UInt32)] = [(BLKSNAP_CONTROL_ATTACH.rawValue, (64 << 10) + 1),
+                                               (BLKSNAP_CONTROL_DETACH.rawValue, 1 << 20),
+                                               (BLKSNAP_CONTROL_STATUS.rawValue, 1)]
+
+    @Test(arguments: overCaps)
+    func aPayloadOverItsTypesCapIsHungUpOn(type: UInt32, length: UInt32) throws {
+        let h = try Harness()
+        #expect(SocketIO.writeAll(h.fd, [h.header(type: blksnap_control_type(rawValue: type), payload: length)]))
+        #expect(Harness.hungUp(h.fd))
+    }
+
+    @Test func aPayloadUnderItsCapIsRead() throws {
+        let h = try Harness()
+        let json = Array(#"{"backing": ""#.utf8) + [UInt8](repeating: 0x61, count: 60 << 10) + Array(#""}"#.utf8)
+        let reply = try #require(h.send(type: BLKSNAP_CONTROL_ATTACH, payload: json))
+        #expect(reply.result == -EOPNOTSUPP)
+    }
+
+    /// Bytes are taken as they come, a piece at a time; what a header
+    /// announced but never came is no error of the reader's but the end.
+    @Test func readBytesAssemblesPiecesAndStopsAtEndOfStream() throws {
+        var pair: [Int32] = [-1, -1]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0)
+        defer { close(pair[0]) }
+        var sent = [UInt8](repeating: 0x5a, count: 3 * SocketIO.piece + 5)
+        for i in stride(from: 0, to: sent.count, by: 4093) { sent[i] = UInt8(truncatingIfNeeded: i >> 12) }
+        let end = pair[1], pieces = [sent, [1, 2, 3]]
+        startThread {
+            _ = SocketIO.writeAll(end, pieces)
+            close(end)
+        }
+        let got = SocketIO.readBytes(pair[0], count: sent.count)
+        #expect(got == sent)
+        #expect(SocketIO.readBytes(pair[0], count: 256 << 20) == nil)
+    }
+
+    @Test func connectionsOverTheCapAreClosedAndTheRestServed() throws {
+        let h = try Harness { $0.maxConnections = 3 }
+        let second = Harness.connect(h.server.path), third = Harness.connect(h.server.path)
+        defer { close(second); close(third) }
+        #expect(h.send(type: BLKSNAP_CONTROL_STATUS) != nil)
+        let fourth = Harness.connect(h.server.path)
+        defer { close(fourth) }
+        #expect(Harness.hungUp(fourth))
+        #expect(h.send(type: BLKSNAP_CONTROL_STATUS)?.result == 0)
     }
 }

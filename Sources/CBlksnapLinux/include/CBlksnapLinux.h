@@ -19,6 +19,11 @@ int blksnap_punch_hole(int fd, off_t offset, off_t length);
 /* SO_PEERCRED of a connected Unix socket; 0 or -1 with errno. */
 int blksnap_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid);
 
+/* 1 when the peer of a connected Unix socket has `gid` among its groups
+ * (SO_PEERGROUPS, the supplementary groups SO_PEERCRED leaves out), 0 when
+ * not, -1 with errno when the kernel cannot say. */
+int blksnap_peer_in_group(int fd, gid_t gid);
+
 /* accept4(fd, NULL, NULL, SOCK_CLOEXEC). */
 int blksnap_accept_cloexec(int fd);
 
