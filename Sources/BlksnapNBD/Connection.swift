@@ -15,10 +15,16 @@ public struct ConnectionLimits: Sendable {
     /// this is still taken when nothing else is queued.
     public var maxBytesInFlight: Int
 
-    public init(workers: Int = 8, maxInFlight: Int = 64, maxBytesInFlight: Int = 128 << 20) {
+    /// Clients served at once (the kernel's own connections not counted):
+    /// with the two limits above, this bounds what clients can make the
+    /// server hold. One more is hung up on as it arrives.
+    public var maxConnections: Int
+
+    public init(workers: Int = 8, maxInFlight: Int = 64, maxBytesInFlight: Int = 128 << 20, maxConnections: Int = 64) {
         self.workers = max(workers, 1)
         self.maxInFlight = max(maxInFlight, 1)
         self.maxBytesInFlight = max(maxBytesInFlight, 1)
+        self.maxConnections = max(maxConnections, 1)
     }
 }
 

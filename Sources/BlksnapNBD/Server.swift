@@ -8,9 +8,11 @@ import Glibc
 /// The NBD server: listening sockets, and a `Connection` on its own thread
 /// for each client (nbdkit's `sockets.c` and `server/main.c`).
 ///
-/// A Unix socket is the way in: it is created with mode 0600, so only its
-/// owner (and root) may connect, which is all the access control NBD has
-/// without TLS. TCP is opt-in and binds 127.0.0.1 unless told otherwise.
+/// A Unix socket is the way in: it is created with mode 0600 (0660 with a
+/// group), and each client is checked with SO_PEERCRED against `policy`
+/// before the greeting, so a socket whose mode was loosened still serves
+/// no one else. TCP is opt-in, binds 127.0.0.1 unless told otherwise, and
+/// has no such check: NBD without TLS trusts whoever can reach the port.
 ///
 /// `lock` guards the listener list, the connection registry and
 /// `stopping`; `threadsGone` is signalled each time an accept or
@@ -22,7 +24,12 @@ public final class Server: @unchecked Sendable {
     private let lock = Lock()
     private let threadsGone = Condition()
     private var listeners: [Listener] = []
+    /// Who may connect over a Unix socket; tests swap `admits` to play a
+    /// stranger.
+    public var policy = PeerPolicy.rootOnly
+    var admits: (@Sendable (Int32, PeerCredentials?) -> Bool)?
     private var connections: [Int: SocketStream] = [:]
+    private var clients = 0
     private var nextConnection = 0
     private var threads = 0
     private var stopping = false
@@ -88,8 +95,9 @@ public final class Server: @unchecked Sendable {
     // MARK: listening
 
     /// Listens on a Unix socket at `path`. A stale socket left at the path
-    /// is replaced; any other file there is an error (EEXIST).
-    public func listen(unixSocket path: String) throws(BlksnapError) {
+    /// is replaced; any other file there is an error (EEXIST). With
+    /// `group`, the socket is that group's too (mode 0660).
+    public func listen(unixSocket path: String, group: gid_t? = nil) throws(BlksnapError) {
         var address = sockaddr_un()
         address.sun_family = sa_family_t(AF_UNIX)
         let bytes = Array(path.utf8)
@@ -122,7 +130,8 @@ public final class Server: @unchecked Sendable {
         }
         // Nobody can connect before listen(), so tightening the mode here,
         // after bind made the file under the umask, leaves no window.
-        guard chmod(path, 0o600) == 0, Glibc.listen(fd, SOMAXCONN) == 0 else {
+        let grouped = group.map { chown(path, 0, $0) == 0 && chmod(path, 0o660) == 0 } ?? (chmod(path, 0o600) == 0)
+        guard grouped, Glibc.listen(fd, SOMAXCONN) == 0 else {
             let e = Self.error("chmod/listen", path)
             Glibc.close(fd)
             unlink(path)
@@ -215,7 +224,15 @@ public final class Server: @unchecked Sendable {
                 }
             }
             _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-            if listener.unixPath == nil {
+            if listener.unixPath != nil {
+                let peer = PeerCredentials.of(fd)
+                let allowed = admits?(fd, peer) ?? policy.allows(fd, peer)
+                guard allowed else {
+                    logger.warning("nbd-server: refusing \(peer?.description ?? "an unknown peer") on \(listener.description): \(policy.description) may connect")
+                    Glibc.close(fd)
+                    continue
+                }
+            } else {
                 // Replies are whole messages already; Nagle would only
                 // delay the small ones behind a pending ACK.
                 var one: Int32 = 1
@@ -229,7 +246,7 @@ public final class Server: @unchecked Sendable {
     /// end of a socketpair or a descriptor inherited from a supervisor.
     /// The server owns and closes `fd` from now on.
     public func serve(connectedSocket fd: Int32) {
-        serve(fd, preNegotiated: nil)
+        serve(fd, preNegotiated: nil, client: true)
     }
 
     /// Serves the kernel's nbd driver on one end of a socketpair: it skips
@@ -243,16 +260,20 @@ public final class Server: @unchecked Sendable {
               onLost: onLost)
     }
 
-    private func serve(_ fd: Int32, preNegotiated: Negotiated?, onLost: (@Sendable () -> Void)? = nil) {
+    private func serve(_ fd: Int32, preNegotiated: Negotiated?, client: Bool = false, onLost: (@Sendable () -> Void)? = nil) {
         let stream = SocketStream(fd: fd)
         let id: Int? = lock.withLock {
-            guard !stopping else { return nil }
+            guard !stopping, !client || clients < limits.maxConnections else { return nil }
+            if client { clients += 1 }
             nextConnection += 1
             connections[nextConnection] = stream
             threads += 1
             return nextConnection
         }
         guard let id else {
+            if client, !lock.withLock({ stopping }) {
+                logger.warning("nbd-server: \(limits.maxConnections) clients are connected; refusing one more")
+            }
             stream.close()
             return
         }
@@ -262,6 +283,7 @@ public final class Server: @unchecked Sendable {
             stream.close()
             let stopped = lock.withLock {
                 connections[id] = nil
+                if client { clients -= 1 }
                 return stopping
             }
             if !stopped { onLost?() }

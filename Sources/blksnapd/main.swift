@@ -86,6 +86,12 @@ struct Blksnapd: ParsableCommand {
     @Option(help: "Also serve NBD over TCP at HOST:PORT (default: only the Unix socket nbd.sock in --state-dir).")
     var nbdTcp: String?
 
+    @Option(help: """
+        A group whose members may also read the NBD exports through nbd.sock \
+        (the socket becomes mode 0660 in that group). Default: root only.
+        """)
+    var nbdGroup: String?
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
@@ -133,7 +139,16 @@ struct Blksnapd: ParsableCommand {
         // kernel device (loop64, nbd15, blksnap-image0), with the CBT context.
         let nbd = try Server(exports: [], logger: logger)
         let nbdSocket = stateDir + "/nbd.sock"
-        try nbd.listen(unixSocket: nbdSocket)
+        if let nbdGroup {
+            guard let group = getgrnam(nbdGroup) else { throw ValidationError("--nbd-group: no group named \(nbdGroup)") }
+            nbd.policy = PeerPolicy(group: group.pointee.gr_gid)
+            // The group must reach the socket: it may pass through the
+            // state directory, not list it; control.sock stays 0600.
+            guard chown(stateDir, 0, group.pointee.gr_gid) == 0, chmod(stateDir, 0o710) == 0 else {
+                throw ValidationError("--nbd-group: cannot open \(stateDir) to group \(nbdGroup): \(String(cString: strerror(errno)))")
+            }
+        }
+        try nbd.listen(unixSocket: nbdSocket, group: nbd.policy.group)
         if let nbdTcp {
             let parts = nbdTcp.split(separator: ":")
             guard parts.count == 2, let port = UInt16(parts[1]) else {

@@ -55,6 +55,41 @@ func toolExists(_ name: String) -> Bool {
     ["/usr/bin/", "/usr/local/bin/", "/bin/"].contains { access($0 + name, X_OK) == 0 }
 }
 
+/// A whole small file (such as one under /proc), or nil.
+func readText(_ path: String) -> String? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var bytes: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
+        if n < 0 && errno == EINTR { continue }
+        if n < 0 { return nil }
+        if n == 0 { return String(decoding: bytes, as: UTF8.self) }
+        bytes += chunk[0..<n]
+    }
+}
+
+/// A client connected to the Unix socket at `path`.
+func connectUnix(_ path: String) throws -> Int32 {
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    var address = sockaddr_un()
+    address.sun_family = sa_family_t(AF_UNIX)
+    withUnsafeMutableBytes(of: &address.sun_path) { raw in
+        for (i, b) in path.utf8.enumerated() { raw[i] = b }
+    }
+    let rc = withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    }
+    guard rc == 0 else {
+        let e = errno
+        close(fd)
+        throw BlksnapError(.init(rawValue: e), "connect \(path)")
+    }
+    return fd
+}
+
 @Suite struct ServerTests {
     @Test func unixSocketIsMode0600AndGoneAfterStop() throws {
         let dir = temporaryDirectory()
@@ -90,11 +125,87 @@ func toolExists(_ name: String) -> Bool {
         }
     }
 
+    /// The kernel's own table of listening sockets says where the server
+    /// bound: 127.0.0.1 (0100007F) and nothing wider.
     @Test func tcpBindsLoopbackOnAnEphemeralPort() throws {
         let server = try Server(exports: [memoryExport().0], logger: quietLogger())
         defer { server.stop() }
         let port = try server.listen(port: 0)
         #expect(port != 0)
+        let hex = String(port, radix: 16, uppercase: true)
+        let hexPort = String(repeating: "0", count: 4 - hex.count) + hex
+        var bound: [String] = []
+        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            guard let text = readText(table) else { continue }
+            for line in text.split(separator: "\n").dropFirst() {
+                let fields = line.split(separator: " ")
+                guard fields.count > 3, fields[3] == "0A" else { continue }  // LISTEN
+                let local = fields[1].split(separator: ":")
+                if local.count == 2, local[1] == hexPort { bound.append(String(local[0])) }
+            }
+        }
+        #expect(bound == ["0100007F"])
+    }
+
+    @Test func aUnixClientThePolicyRefusesGetsNoGreeting() throws {
+        let dir = temporaryDirectory()
+        defer { rmdir(dir) }
+        let server = try Server(exports: [memoryExport().0], logger: quietLogger())
+        server.admits = { _, _ in false }
+        try server.listen(unixSocket: dir + "/nbd.sock")
+        defer { server.stop() }
+        let fd = try connectUnix(dir + "/nbd.sock")
+        defer { close(fd) }
+        var byte: UInt8 = 0
+        #expect(recv(fd, &byte, 1, Int32(MSG_WAITALL)) == 0)
+    }
+
+    @Test(.enabled(if: getuid() == 0, "needs root: the default policy admits root only"))
+    func rootIsGreetedOnTheUnixSocket() throws {
+        let dir = temporaryDirectory()
+        defer { rmdir(dir) }
+        let server = try Server(exports: [memoryExport().0], logger: quietLogger())
+        try server.listen(unixSocket: dir + "/nbd.sock")
+        defer { server.stop() }
+        let fd = try connectUnix(dir + "/nbd.sock")
+        defer { close(fd) }
+        var greeting = [UInt8](repeating: 0, count: 8)
+        #expect(recv(fd, &greeting, 8, Int32(MSG_WAITALL)) == 8)
+        #expect(greeting == Array("NBDMAGIC".utf8))
+    }
+
+    @Test func aGroupSocketIsMode0660InThatGroup() throws {
+        let dir = temporaryDirectory()
+        defer { rmdir(dir) }
+        let server = try Server(exports: [memoryExport().0], logger: quietLogger())
+        try server.listen(unixSocket: dir + "/nbd.sock", group: 4242)
+        defer { server.stop() }
+        var st = stat()
+        #expect(lstat(dir + "/nbd.sock", &st) == 0)
+        #expect(st.st_mode & 0o777 == 0o660)
+        #expect(st.st_gid == 4242)
+        #expect(PeerPolicy(group: 4242).allows(-1, PeerCredentials(pid: 1, uid: 1000, gid: 4242)))
+        #expect(!PeerPolicy(group: 4242).allows(-1, PeerCredentials(pid: 1, uid: 1000, gid: 100)))
+        #expect(!PeerPolicy.rootOnly.allows(-1, PeerCredentials(pid: 1, uid: 1000, gid: 4242)))
+        #expect(!PeerPolicy.rootOnly.allows(-1, nil))
+    }
+
+    @Test func clientsOverTheCapAreHungUpOn() throws {
+        let server = try Server(exports: [memoryExport().0], limits: ConnectionLimits(maxConnections: 2), logger: quietLogger())
+        defer { server.stop() }
+        var ends: [Int32] = []
+        for _ in 0..<3 {
+            var fds: [Int32] = [-1, -1]
+            #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0)
+            server.serve(connectedSocket: fds[0])
+            ends.append(fds[1])
+        }
+        defer { for e in ends { close(e) } }
+        var greeting = [UInt8](repeating: 0, count: 8)
+        #expect(recv(ends[0], &greeting, 8, Int32(MSG_WAITALL)) == 8)
+        #expect(recv(ends[1], &greeting, 8, Int32(MSG_WAITALL)) == 8)
+        #expect(recv(ends[2], &greeting, 8, Int32(MSG_WAITALL)) == 0)
+        #expect(server.connectionCount == 2)
     }
 
     @Test func stopDisconnectsAClientMidNegotiation() throws {
