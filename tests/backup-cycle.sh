@@ -28,8 +28,11 @@ blksnap append "$id" "$scratch/store/diff0"
 blksnap take "$id"
 read -r image_orig image_id < <(blksnap images "$id")
 check "COLLECT_IMAGES names the original" test "$image_orig" = "$orig_id"
-check "the first image is /dev/blksnap-image0" test "$image_id" = "${image_id%%:*}:0"
-check "/dev/blksnap-image0 is a block device" test -b /dev/blksnap-image0
+# libblksnap names an image by its minor: /dev/blksnap-image<minor>. The
+# first is image0 only where loop0 (nbd0) was free, so derive it.
+image=/dev/blksnap-image${image_id##*:}
+check "$image is a block device" test -b "$image"
+check "$image is the image's device ($image_id)" test "$(stat -c '%Hr:%Lr' "$image")" = "$image_id"
 check "/dev/block/$image_id exists" test -e "/dev/block/$image_id"
 
 # The original stays mounted and keeps changing.
@@ -38,16 +41,16 @@ dd if=/dev/urandom of="$scratch/orig/file1" bs=1M count=8 conv=notrunc status=no
 for i in 5 6; do dd if=/dev/urandom of="$scratch/orig/new$i" bs=1M count=6 status=none; done
 sync
 
-mount_at /dev/blksnap-image0 "$scratch/image" ro,noload
+mount_at "$image" "$scratch/image" ro,noload
 check "every file of the point in time is whole in the image" bash -c "cd '$scratch/image' && md5sum -c --quiet '$scratch/before.md5'"
 check "files created after TAKE are not in the image" test ! -e "$scratch/image/new5"
 umount "$scratch/image"
 
 # Writes to the image land in the difference storage, never the original.
-mount_at /dev/blksnap-image0 "$scratch/image"
+mount_at "$image" "$scratch/image"
 echo "written to the image" > "$scratch/image/image-only"
 umount "$scratch/image"
-mount_at /dev/blksnap-image0 "$scratch/image" ro
+mount_at "$image" "$scratch/image" ro
 check "a write to the image survives a remount" grep -q "written to the image" "$scratch/image/image-only"
 check "a write to the image never reaches the original" test ! -e "$scratch/orig/image-only"
 umount "$scratch/image"
@@ -55,7 +58,7 @@ umount "$scratch/image"
 # Changed blocks: the next snapshot's CBT map marks every block written
 # after the first TAKE with a number above the first snapshot's.
 blksnap destroy "$id"
-check "DESTROY removes /dev/blksnap-image0" test ! -e /dev/blksnap-image0
+check "DESTROY removes $image" test ! -e "$image"
 fallocate -l 32M "$scratch/store/diff1"
 id2=$(blksnap create "$orig")
 blksnap append "$id2" "$scratch/store/diff1"

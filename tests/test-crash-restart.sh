@@ -46,7 +46,8 @@ case $kind in
     nbd) image_bound=$image_sys/pid ;;
     loop) image_bound=$image_sys/loop/backing_file ;;
 esac
-check "the image $image_id is /dev/blksnap-image0" test -b /dev/blksnap-image0
+image=/dev/blksnap-image${image_id##*:}
+check "the image $image_id is $image" test "$(stat -c '%Hr:%Lr' "$image")" = "$image_id"
 check "the image's device is bound ($image_bound)" test -e "$image_bound"
 
 start_writer "$scratch/mnt"
@@ -61,7 +62,7 @@ sleep 1
 start_blksnapd
 grep -E "died|again" "$scratch/blksnapd.log" | sed 's/^/# log: /'
 
-check "the image died with the snapshot: /dev/blksnap-image0 is gone" test ! -e /dev/blksnap-image0
+check "the image died with the snapshot: $image is gone" test ! -e "$image"
 check "the image's device is unbound" test ! -e "$image_bound"
 check "the new blksnapd says the image is gone" grep -q "image of a snapshot that died" "$scratch/blksnapd.log"
 
