@@ -442,12 +442,12 @@ private final class Harness {
         return ok
     }
 
-    private func corrupt(_ s: ModelSnapshot, _ err: Int32 = Errno_.ENOSPC) {
+    private func corrupt(_ s: ModelSnapshot, _ err: Int32 = Errno_.ENOSPC, byFault: Bool = false) {
         guard !s.corrupted else { return }
         s.corrupted = true
         s.corruptedErr = err
         stats.corruptions += 1
-        if err != Errno_.ENOSPC || !failures.isEmpty { stats.faultCorruptions += 1 }
+        if byFault { stats.faultCorruptions += 1 }
         for d in s.devs { s.events.append(ModelEvent(code: 1, dev: Geo.devIds[d], err: err)) }
     }
 
@@ -472,7 +472,7 @@ private final class Harness {
         let last = min((offset + length - 1) >> Geo.chunkShift, Geo.chunkCount(dev) - 1)
         for c in first...last where !s.stored[k][c] {
             if let f = nextFailure("dev\(dev)", .read, at: UInt64(c) << UInt64(Geo.chunkShift)) {
-                corrupt(s, f.errno!.rawValue)
+                corrupt(s, f.errno!.rawValue, byFault: true)
                 return false
             }
             guard let sector = allocate(s, Geo.chunkSectors(dev, c)) else {
@@ -483,7 +483,7 @@ private final class Harness {
             // same byte: the storage writes of the step are counted.
             storageWrites += 1
             if let f = nextFailure("storage", .write, at: sector << 9, call: storageWrites - 1) {
-                corrupt(s, f.errno!.rawValue)
+                corrupt(s, f.errno!.rawValue, byFault: true)
                 return false
             }
             s.stored[k][c] = true
