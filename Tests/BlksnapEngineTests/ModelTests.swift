@@ -292,6 +292,8 @@ private struct RunStats {
 private enum ModelFault: Sendable {
     case none
     case imageWritesLeaveReadMap
+    /// Takes every original write as landed, faults or not.
+    case failedWritesLookAcknowledged
 }
 
 /// The engine under test and the model, side by side.
@@ -505,7 +507,7 @@ private final class Harness {
                                  new: ArraySlice<UInt8>) throws {
         cbtWrite(dev, off, len)
         if let s = snapshotOf(dev), s.taken { _ = storeChunks(s, s.devs.firstIndex(of: dev)!, off, len) }
-        if let f = nextFailure("dev\(dev)", kind, at: UInt64(off)) {
+        if fault != .failedWritesLookAcknowledged, let f = nextFailure("dev\(dev)", kind, at: UInt64(off)) {
             stats.failedWrites += 1
             try check(err == f.errno!.rawValue,
                       "\(kind) \(off)+\(len) on device \(dev) meeting \(f): engine \(Errno_.name(err)), model \(Errno_.name(f.errno!.rawValue))")
@@ -1500,6 +1502,29 @@ private let opsPerSeed = 10_000
         #expect(stats.saw("destroy", 0))
     }
 
+    /// A model that takes a failed write for a landed one is caught by the
+    /// first such write, and the list shrinks to little more than it.
+    @Test func harnessCatchesAWriteThatFailedUnnoticed() {
+        let seed: UInt64 = 0xFA17_0001
+        let wrong = ModelFault.failedWritesLookAcknowledged
+        let (ops, failure, _) = ModelRun.generate(seed: seed, profile: .faulty, count: 3000, fault: wrong)
+        guard let failure else {
+            Issue.record("a model that ignores failed writes went unnoticed")
+            return
+        }
+        let faults = Profile.faulty.faults
+        let (small, last) = ModelRun.shrink(seed: seed, ops: ops, failure: failure, fault: wrong, faults: faults,
+                                            budgetSeconds: 30)
+        let text = ModelRun.report(seed: seed, profile: "faulty", ops: small, failure: last)
+        print("(expected) shrunk from \(ops.count) steps: " + text)
+        #expect(ModelRun.replay(seed: seed, ops: small, fault: wrong, faults: faults) != nil)
+        #expect(ModelRun.replay(seed: seed, ops: small, faults: faults) == nil, "the shrunk list fails with the right model too")
+        #expect(small.count <= 3, "\(text)")
+        if case .write = small.last {} else if case .discard = small.last {} else {
+            Issue.record("the shrunk list does not end in the failing write: \(text)")
+        }
+    }
+
     /// Opt-in soak: `BLKSNAP_MODEL_SOAK=<seeds>` runs that many more seeds
     /// (numbered from 1) through every profile.
     @Test(.enabled(if: getenv("BLKSNAP_MODEL_SOAK") != nil))
@@ -1514,21 +1539,25 @@ private let opsPerSeed = 10_000
     }
 
     /// The harness itself: a model that forgets one rule must be caught,
-    /// and shrunk to the few steps that show it.
-    @Test func harnessCatchesAndShrinksAWrongModel() {
+    /// and shrunk to the few steps that show it, with faults on the disks
+    /// too (each kept step meets the faults it met in the long run).
+    @Test(arguments: [0, 1])
+    func harnessCatchesAndShrinksAWrongModel(profileIndex: Int) {
         let seed: UInt64 = 0x5EED_0001
-        let (ops, failure, _) = ModelRun.generate(seed: seed, profile: .mixed, count: 3000, fault: .imageWritesLeaveReadMap)
+        let profile = [Profile.mixed, .faulty][profileIndex]
+        let (ops, failure, _) = ModelRun.generate(seed: seed, profile: profile, count: 3000, fault: .imageWritesLeaveReadMap)
         guard let failure else {
             Issue.record("a model that ignores the read map on image writes went unnoticed")
             return
         }
         let (small, last) = ModelRun.shrink(seed: seed, ops: ops, failure: failure, fault: .imageWritesLeaveReadMap,
-                                            budgetSeconds: 30)
-        #expect(ModelRun.replay(seed: seed, ops: small, fault: .imageWritesLeaveReadMap) != nil)
-        #expect(ModelRun.replay(seed: seed, ops: small) == nil, "the shrunk list fails with the right model too")
+                                            faults: profile.faults, budgetSeconds: 30)
+        #expect(ModelRun.replay(seed: seed, ops: small, fault: .imageWritesLeaveReadMap, faults: profile.faults) != nil)
+        #expect(ModelRun.replay(seed: seed, ops: small, faults: profile.faults) == nil,
+                "the shrunk list fails with the right model too")
         // create, append, take, and one image write over a block the
         // previous epoch did not write: at least four steps.
-        let text = ModelRun.report(seed: seed, profile: "mixed", ops: small, failure: last)
+        let text = ModelRun.report(seed: seed, profile: profile.name, ops: small, failure: last)
         print("(expected) shrunk from \(ops.count) steps: " + text)
         #expect(small.count >= 4 && small.count <= 8, "\(text)")
     }
