@@ -21,8 +21,6 @@ public final class FileBlockDevice: BlockDevice, @unchecked Sendable {
     /// The kernel keeps the two descriptors coherent (a direct write
     /// invalidates the cached pages it covers).
     private let directFd: Int32
-    /// Whether every write has reached the device when `write` returns.
-    public let syncWrites: Bool
 
     private static let BLKGETSIZE64: UInt = 0x8008_1272
     private static let BLKSSZGET: UInt = 0x1268
@@ -40,7 +38,6 @@ public final class FileBlockDevice: BlockDevice, @unchecked Sendable {
         if direct { flags |= blksnap_o_direct }
         if exclusive { flags |= O_EXCL }
         if syncWrites && !readOnly { flags |= O_DSYNC }
-        self.syncWrites = syncWrites && !readOnly
         let fd = open(path, flags)
         guard fd >= 0 else {
             throw BlksnapError(Errno(rawValue: errno), "cannot open \(path)")
