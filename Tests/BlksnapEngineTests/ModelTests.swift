@@ -1121,8 +1121,11 @@ private struct Profile: Sendable {
         (.write, 26), (.discard, 2), (.imageRead, 14), (.imageWrite, 8), (.create, 7), (.append, 7), (.take, 7),
         (.destroy, 6), (.markDirty, 4), (.removeTracker, 2), (.readCbt, 5), (.waitEvent, 3), (.flush, 3),
     ], undersized: false, faults: [
-        FaultRule(devices: ["storage"], kinds: [.read, .write], when: .random(0.006),
+        FaultRule(devices: ["storage"], kinds: [.write], when: .random(0.006),
                   effects: [.fail(.ioError), .fail(.noSpace), .short(.ioError), .delay(microseconds: 20)]),
+        // Image reads reach the storage less often than writes do.
+        FaultRule(devices: ["storage"], kinds: [.read], when: .random(0.03),
+                  effects: [.fail(.ioError), .short(.ioError), .delay(microseconds: 20)]),
         FaultRule(devices: ["dev0", "dev1", "dev2"], when: .random(0.015),
                   effects: [.fail(.ioError), .fail(.noSpace), .short(.ioError), .short(.noSpace), .delay(microseconds: 20)]),
     ])
@@ -1499,6 +1502,7 @@ private let opsPerSeed = 10_000
         #expect(stats.imageReadsCompared >= 300)
         #expect(stats.saw("write", Errno_.EIO) && stats.saw("write", Errno_.ENOSPC))
         #expect(stats.saw("flush", Errno_.EIO) || stats.saw("flush", Errno_.ENOSPC))
+        #expect(stats.saw("imageRead", Errno_.EIO), "no image read met a fault")
         #expect(stats.saw("destroy", 0))
     }
 
