@@ -95,10 +95,19 @@ let package = Package(
             // A straight-line script: top-level globals without actor ceremony.
             swiftSettings: [.swiftLanguageMode(.v5)]
         ),
+        // Test support, never linked into blksnapd: disks that fail on purpose.
+        .target(
+            name: "BlksnapTestSupport",
+            dependencies: ["BlksnapEngine", .product(name: "SystemPackage", package: "swift-system")]
+        ),
         .testTarget(name: "BlksnapABITests", dependencies: ["BlksnapABI", "CBlksnapABI"]),
         .testTarget(
             name: "BlksnapEngineTests",
-            dependencies: ["BlksnapEngine", "BlksnapABI", "CBlksnapABI", .product(name: "Logging", package: "swift-log")]
+            dependencies: [
+                "BlksnapEngine", "BlksnapABI", "BlksnapTestSupport", "CBlksnapABI",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
         ),
         .testTarget(name: "BlksnapCUSETests", dependencies: ["BlksnapCUSE", "BlksnapEngine", "BlksnapABI", "CBlksnapABI"]),
         .testTarget(

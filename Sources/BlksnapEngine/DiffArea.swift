@@ -237,9 +237,17 @@ public final class DiffArea: @unchecked Sendable {
     }
 
     /// Stores an image write in the difference storage; the original is
-    /// never touched.
-    func writeImage(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(BlksnapError) {
+    /// never touched. `beforeChange` runs once the write is known to be in
+    /// range and the snapshot alive, before the first byte is stored: a
+    /// write that fails half-way may already have changed part of the image.
+    func writeImage(_ buffer: UnsafeRawBufferPointer, at offset: UInt64,
+                    beforeChange: () throws(BlksnapError) -> Void) throws(BlksnapError) {
         guard !isCorrupted else { throw BlksnapError(.ioError, "snapshot of \(devId) is corrupted") }
+        guard buffer.count > 0 else { return }
+        guard offset <= capacity, UInt64(buffer.count) <= capacity - offset else {
+            throw BlksnapError(.invalidArgument, "image I/O at \(offset)+\(buffer.count) past the end of \(capacity) bytes")
+        }
+        try beforeChange()
         try forEachPiece(offset: offset, count: buffer.count) { (chunk, inChunk, done, n) throws(BlksnapError) in
             let region: DiffRegion
             do throws(BlksnapError) {

@@ -236,7 +236,7 @@ public final class Engine: @unchecked Sendable {
         // tracking, so storing a chunk never copies or marks anything.
         if let routed = devices[devId] {
             if let file = routed.backing as? FileBlockDevice,
-               let storage = try? FileBlockDevice(path: file.path, directWritesWhenAligned: true) {
+               let storage = try? FileBlockDevice(path: file.path, directWritesWhenAligned: true, syncWrites: true) {
                 return storage
             }
             return routed.backing

@@ -27,12 +27,17 @@ public final class FileBlockDevice: BlockDevice, @unchecked Sendable {
     private static let BLKDISCARD: UInt = 0x1277
 
     /// Opens `path` read-write. `exclusive` adds O_EXCL, which on a block
-    /// device refuses one that is mounted or held elsewhere.
+    /// device refuses one that is mounted or held elsewhere. `syncWrites`
+    /// adds O_DSYNC: a write returns once it is on the device, so a failing
+    /// device fails the write itself. Difference storage needs it: nothing
+    /// ever flushes it, so an error found at writeback would be lost, and
+    /// an image would read copies the device never took.
     public init(path: String, direct: Bool = false, exclusive: Bool = false, readOnly: Bool = false,
-                directWritesWhenAligned: Bool = false) throws(BlksnapError) {
+                directWritesWhenAligned: Bool = false, syncWrites: Bool = false) throws(BlksnapError) {
         var flags: Int32 = (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC
         if direct { flags |= blksnap_o_direct }
         if exclusive { flags |= O_EXCL }
+        if syncWrites && !readOnly { flags |= O_DSYNC }
         let fd = open(path, flags)
         guard fd >= 0 else {
             throw BlksnapError(Errno(rawValue: errno), "cannot open \(path)")
@@ -79,14 +84,21 @@ public final class FileBlockDevice: BlockDevice, @unchecked Sendable {
     }
 
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(BlksnapError) {
-        if directFd >= 0, buffer.count > 0, Int(bitPattern: buffer.baseAddress!) % 4096 == 0,
-           offset % 4096 == 0, buffer.count % 4096 == 0,
-           pwrite(directFd, buffer.baseAddress!, buffer.count, off_t(offset)) == buffer.count {
-            return
-        }
-        // Unaligned, refused (EINVAL on a device that wants more) or short:
-        // the buffered descriptor writes it all.
         var done = 0
+        if directFd >= 0, buffer.count > 0, Int(bitPattern: buffer.baseAddress!) % 4096 == 0,
+           offset % 4096 == 0, buffer.count % 4096 == 0 {
+            var n: Int
+            repeat { n = pwrite(directFd, buffer.baseAddress!, buffer.count, off_t(offset)) } while n < 0 && errno == EINTR
+            if n == buffer.count { return }
+            // Only a refusal of the alignment (EINVAL) goes on through the
+            // buffered descriptor; the device's own error is the caller's,
+            // or a page-cache write would hide it.
+            if n < 0 && errno != EINVAL {
+                throw BlksnapError(Errno(rawValue: errno), "write of \(path) at \(offset) failed")
+            }
+            // Short: the buffered descriptor writes the rest.
+            done = max(n, 0)
+        }
         while done < buffer.count {
             let n = pwrite(descriptor.rawValue, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
             if n < 0 {

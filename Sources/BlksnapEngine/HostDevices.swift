@@ -37,7 +37,9 @@ public struct SysfsHostDevices: HostDevices {
         guard let path = path(of: devId) else {
             throw BlksnapError(.noSuchAddressOrDevice, "no block device \(devId)")
         }
-        return try FileBlockDevice(path: path)
+        // Only difference storage is opened here: written beneath the page
+        // cache or synchronously, so a failing disk fails the chunk's write.
+        return try FileBlockDevice(path: path, directWritesWhenAligned: true, syncWrites: true)
     }
 }
 

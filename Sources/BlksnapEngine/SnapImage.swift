@@ -50,8 +50,11 @@ public final class SnapImage: BlockDevice, @unchecked Sendable {
 
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(BlksnapError) {
         try checkOpen()
-        try diffArea.writeImage(buffer, at: offset)
-        try cbtMap.setBoth(offset: offset, length: UInt64(buffer.count))
+        // Marked first, as an original write is, so that a write failing
+        // after part of it reached the storage still shows in the CBT.
+        try diffArea.writeImage(buffer, at: offset) { () throws(BlksnapError) in
+            try cbtMap.setBoth(offset: offset, length: UInt64(buffer.count))
+        }
     }
 
     public func flush() throws(BlksnapError) {

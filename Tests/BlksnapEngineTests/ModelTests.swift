@@ -1,5 +1,7 @@
 import BlksnapABI
 @testable import BlksnapEngine
+import BlksnapTestSupport
+import SystemPackage
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -13,6 +15,21 @@ import Glibc
 // operation the engine must agree with the model: data read back from
 // originals and images, both CBT tables of every tracker, the events queued,
 // the errno of every refused call, and what the collect calls report.
+//
+// With faults (profile "faulty"), every disk beneath the engine (the three
+// backing stores and the storage disk) is a FaultyBlockDevice whose seeded
+// injector fails, cuts short or delays calls; the seed of each step's faults
+// comes from the run's seed and the step itself, so a shrunk list meets the
+// same faults in the steps it keeps. The model reads the injector's log
+// after each step and says what the step must then have done: a failed
+// original write is an error for its writer, its range holds per byte
+// either the old or the new data (the backing store, read beneath the
+// faults, is then the truth) and its CBT blocks are marked; a failed copy
+// to the difference storage corrupts the snapshot (one corrupted event per
+// device, with the fault's errno) while the original write goes on; an
+// image read that meets a fault fails with the fault's errno; a flush
+// fault fails the flush, or TAKE before anything changes. Every fault in
+// the log must be accounted for by the model.
 //
 // On a failure the operation list is shrunk (delta debugging, each attempt a
 // fresh run from scratch) and the seed and shortest failing list are printed,
@@ -116,6 +133,8 @@ private enum ModelOp: Equatable, Sendable, CustomStringConvertible {
     case removeTracker(dev: Int)
     case readCbt(dev: Int, offset: UInt32, length: UInt32)
     case waitEvent(snap: Int)
+    /// Only the faulty profile makes these: a flush of an original.
+    case flush(dev: Int)
 
     var description: String {
         switch self {
@@ -135,6 +154,7 @@ private enum ModelOp: Equatable, Sendable, CustomStringConvertible {
         case let .removeTracker(d): return ".removeTracker(dev: \(d))"
         case let .readCbt(d, o, l): return ".readCbt(dev: \(d), offset: \(o), length: \(l))"
         case let .waitEvent(s): return ".waitEvent(snap: \(s))"
+        case let .flush(d): return ".flush(dev: \(d))"
         }
     }
 
@@ -216,13 +236,18 @@ private final class ModelSnapshot {
     let devs: [Int]
     var taken = false
     var corrupted = false
+    /// The errno of the corrupted events: ENOSPC when the storage ran out,
+    /// else the injected fault's.
+    var corruptedErr: Int32 = 0
     var corruptionVerified = false
     /// Per device of the snapshot (index k): the frozen content plus image writes.
     var images: [[UInt8]] = []
     var stored: [[Bool]] = []
+    /// Where each stored chunk's copy starts on the storage disk, in sectors.
+    var locations: [[UInt64]] = []
     var imageIds: [DevId] = []
     /// The difference storage, as the spec describes it.
-    var ranges: [(count: UInt64, used: UInt64)] = []
+    var ranges: [(start: UInt64, count: UInt64, used: UInt64)] = []
     var current = 0
     var capacity: UInt64 = 0
     var filled: UInt64 = 0
@@ -251,6 +276,9 @@ private struct RunStats {
     var wraps = 0
     var corruptions = 0
     var skipped = 0
+    var faults: [String: Int] = [:]
+    var failedWrites = 0
+    var faultCorruptions = 0
     var errnos: [String: Int] = [:]
 
     mutating func note(_ what: String, _ errno: Int32) {
@@ -264,6 +292,8 @@ private struct RunStats {
 private enum ModelFault: Sendable {
     case none
     case imageWritesLeaveReadMap
+    /// Takes every original write as landed, faults or not.
+    case failedWritesLookAcknowledged
 }
 
 /// The engine under test and the model, side by side.
@@ -273,6 +303,13 @@ private final class Harness {
     let backings: [MemoryBlockDevice]
     let pool: [UInt8]
     let fault: ModelFault
+    let seed: UInt64
+    /// Drives the faults of every disk beneath the engine; enabled only
+    /// while an engine call runs.
+    let injector: FaultInjector
+    /// What the injector did during the current step: failures still to be
+    /// accounted for by the model, in order.
+    var failures: [InjectedFault] = []
 
     var orig: [[UInt8]]
     var trackers: [ModelTracker?] = [nil, nil, nil]
@@ -286,18 +323,22 @@ private final class Harness {
     var freeStorage: [(start: UInt64, count: UInt64)] = [(0, Geo.storageSectors)]
     var stats = RunStats()
 
-    init(seed: UInt64, fault: ModelFault = .none) throws {
+    init(seed: UInt64, fault: ModelFault = .none, faultRules: [FaultRule] = []) throws {
         self.fault = fault
-        rig = Rig(devices: 1, size: UInt64(Geo.sizes[0]), storage: UInt64(Geo.storageBytes))
-        var ds = [rig.devices[0]]
-        var bs = [rig.backings[0]]
-        for i in 1..<3 {
+        self.seed = seed
+        injector = FaultInjector(seed: seed, rules: faultRules)
+        injector.isEnabled = false
+        rig = Rig(devices: 0, size: UInt64(Geo.sizes[0]), storage: UInt64(Geo.storageBytes))
+        var ds: [RoutedDevice] = []
+        var bs: [MemoryBlockDevice] = []
+        for i in 0..<3 {
             let b = MemoryBlockDevice(size: UInt64(Geo.sizes[i]))
-            ds.append(try rig.engine.route(Geo.devIds[i], backing: b))
+            ds.append(try rig.engine.route(Geo.devIds[i], backing: FaultyBlockDevice(b, name: "dev\(i)", injector: injector)))
             bs.append(b)
         }
         devices = ds
         backings = bs
+        rig.host.disks[Rig.storageId] = FaultyBlockDevice(rig.storageDisk, name: "storage", injector: injector)
         rig.host.unrouted.insert(Geo.unroutedId)
         var g = SplitMix64(seed: seed ^ 0x0DDB_A11_C0FFEE)
         var p = [UInt8](repeating: 0, count: Geo.poolSize)
@@ -376,15 +417,16 @@ private final class Harness {
         trackers[dev] = t
     }
 
-    /// Cuts `sectors` from a snapshot's storage; false when it is exhausted.
-    private func allocate(_ s: ModelSnapshot, _ sectors: UInt64) -> Bool {
-        var ok = false
+    /// Cuts `sectors` from a snapshot's storage: the first sector on the
+    /// storage disk, or nil when it is exhausted.
+    private func allocate(_ s: ModelSnapshot, _ sectors: UInt64) -> UInt64? {
+        var ok: UInt64?
         while s.current < s.ranges.count {
             let available = s.ranges[s.current].count - s.ranges[s.current].used
             if available >= sectors {
+                ok = s.ranges[s.current].start + s.ranges[s.current].used
                 s.ranges[s.current].used += sectors
                 s.filled += sectors
-                ok = true
                 break
             }
             // A tail smaller than the chunk is left unused.
@@ -394,7 +436,7 @@ private final class Harness {
         }
         // Requested minus used at or under half the minimum: ask once more.
         let left = Int64(bitPattern: s.requested &- s.filled)
-        if ok, left <= Int64((Geo.minimum >> 1) & ~7), !s.lowFlag {
+        if ok != nil, left <= Int64((Geo.minimum >> 1) & ~7), !s.lowFlag {
             s.lowFlag = true
             s.requested += Geo.minimum
             s.events.append(ModelEvent(code: 0, requested: Geo.minimum))
@@ -402,29 +444,117 @@ private final class Harness {
         return ok
     }
 
-    private func corrupt(_ s: ModelSnapshot) {
+    private func corrupt(_ s: ModelSnapshot, _ err: Int32 = Errno_.ENOSPC, byFault: Bool = false) {
         guard !s.corrupted else { return }
         s.corrupted = true
+        s.corruptedErr = err
         stats.corruptions += 1
-        for d in s.devs { s.events.append(ModelEvent(code: 1, dev: Geo.devIds[d], err: Errno_.ENOSPC)) }
+        if byFault { stats.faultCorruptions += 1 }
+        for d in s.devs { s.events.append(ModelEvent(code: 1, dev: Geo.devIds[d], err: err)) }
     }
 
-    /// Stores every chunk of `offset..<offset+length` not stored yet; false
-    /// when the storage ran out (the snapshot is then corrupted).
+    /// Takes the next failure of the step if it is this call.
+    private func nextFailure(_ device: String, _ kind: FaultKind, at offset: UInt64? = nil, call: Int? = nil) -> InjectedFault? {
+        guard let f = failures.first, f.device == device, f.kind == kind, offset == nil || f.offset == offset,
+              call == nil || f.call == call else {
+            return nil
+        }
+        failures.removeFirst()
+        return f
+    }
+
+    /// Stores every chunk of `offset..<offset+length` not stored yet, in
+    /// order as the engine does: read the original, cut the storage, write
+    /// the copy. False when the storage ran out or a disk failed (the
+    /// snapshot is then corrupted).
     private func storeChunks(_ s: ModelSnapshot, _ k: Int, _ offset: Int, _ length: Int) -> Bool {
         guard length > 0, !s.corrupted else { return !s.corrupted }
         let dev = s.devs[k]
         let first = offset >> Geo.chunkShift
         let last = min((offset + length - 1) >> Geo.chunkShift, Geo.chunkCount(dev) - 1)
         for c in first...last where !s.stored[k][c] {
-            if allocate(s, Geo.chunkSectors(dev, c)) {
-                s.stored[k][c] = true
-            } else {
+            if let f = nextFailure("dev\(dev)", .read, at: UInt64(c) << UInt64(Geo.chunkShift)) {
+                corrupt(s, f.errno!.rawValue, byFault: true)
+                return false
+            }
+            guard let sector = allocate(s, Geo.chunkSectors(dev, c)) else {
                 corrupt(s)
                 return false
             }
+            // A chunk's copy and an image write's piece may start at the
+            // same byte: the storage writes of the step are counted.
+            storageWrites += 1
+            if let f = nextFailure("storage", .write, at: sector << 9, call: storageWrites - 1) {
+                corrupt(s, f.errno!.rawValue, byFault: true)
+                return false
+            }
+            s.stored[k][c] = true
+            s.locations[k][c] = sector
         }
         return true
+    }
+
+    /// The byte on the storage disk where an image byte of a stored chunk lives.
+    private func pieceOnStorage(_ s: ModelSnapshot, _ k: Int, _ position: Int) -> UInt64 {
+        (s.locations[k][position >> Geo.chunkShift] << 9) + UInt64(position & (Geo.chunkSize - 1))
+    }
+
+    /// After an original write or discard: copy-on-write first (a fault
+    /// there corrupts the snapshot, the write goes on), then the backing
+    /// store (a fault there is the writer's error, and the range holds old
+    /// or new bytes). The CBT is marked either way, before anything lands.
+    private func originalChanged(_ dev: Int, _ off: Int, _ len: Int, err: Int32, kind: FaultKind,
+                                 new: ArraySlice<UInt8>) throws {
+        cbtWrite(dev, off, len)
+        if let s = snapshotOf(dev), s.taken { _ = storeChunks(s, s.devs.firstIndex(of: dev)!, off, len) }
+        if fault != .failedWritesLookAcknowledged, let f = nextFailure("dev\(dev)", kind, at: UInt64(off)) {
+            stats.failedWrites += 1
+            try check(err == f.errno!.rawValue,
+                      "\(kind) \(off)+\(len) on device \(dev) meeting \(f): engine \(Errno_.name(err)), model \(Errno_.name(f.errno!.rawValue))")
+            let actual = Array(backings[dev].snapshotBytes()[off..<(off + len)])
+            let now = try adoptEither(old: orig[dev][off..<(off + len)], new: new, actual: actual,
+                                      what: "failed \(kind) \(off)+\(len) on device \(dev)")
+            orig[dev].replaceSubrange(off..<(off + len), with: now)
+        } else {
+            try check(err == 0, "original \(kind) \(off)+\(len) to device \(dev) failed: \(Errno_.name(err))")
+            orig[dev].replaceSubrange(off..<(off + len), with: new)
+        }
+        stats.note(kind.rawValue, err)
+        try allAccountedFor("original \(kind)")
+        try checkOriginal(dev, off, len)
+    }
+
+    /// Runs an engine call with faults on; what it injected goes to `failures`.
+    private func injecting<T>(_ body: () throws -> T) -> (T?, Int32) {
+        injector.reseed(seed ^ stepHash)
+        injector.isEnabled = true
+        let result = errnoOf(body)
+        injector.isEnabled = false
+        for f in injector.drain() {
+            stats.faults["\(f.device.hasPrefix("dev") ? "backing" : "storage") \(f.kind) \(f.effect)", default: 0] += 1
+            if f.errno != nil { failures.append(f) }
+        }
+        return result
+    }
+
+    /// Per step, so a step meets the same faults wherever shrinking puts it.
+    private var stepHash: UInt64 = 0
+    private var stepRepeats: [UInt64: Int] = [:]
+    /// Storage writes the model expects so far in the step.
+    private var storageWrites = 0
+
+    /// After a failed write: each byte of the range holds the old or the new
+    /// data; `actual` (read beneath the faults) is then the truth.
+    private func adoptEither(old: ArraySlice<UInt8>, new: ArraySlice<UInt8>, actual: [UInt8], what: String) throws -> [UInt8] {
+        for (i, (o, (n, a))) in zip(old, zip(new, actual)).enumerated() where a != o && a != n {
+            throw Mismatch(description: "\(what): byte +\(i) is \(a), neither the old \(o) nor the new \(n)")
+        }
+        return actual
+    }
+
+    /// Every failure of the step was explained by the model.
+    private func allAccountedFor(_ what: String) throws {
+        try check(failures.isEmpty, "\(what): injected \(failures) but the model expected no such call")
     }
 
     private func allocateStorage(_ sectors: UInt64) -> UInt64? {
@@ -462,39 +592,43 @@ private final class Harness {
 
     func run(_ op: ModelOp) throws {
         stats.ops += 1
+        failures = []
+        storageWrites = 0
+        // The step and how many equal steps came before it: a kept step
+        // meets the same faults after shrinking, and `.take(snap: 0)` does
+        // not meet the same ones every time.
+        let text = op.description
+        var h: UInt64 = 0xCBF2_9CE4_8422_2325
+        for b in text.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01B3 }
+        let repeats = stepRepeats[h, default: 0]
+        stepRepeats[h] = repeats + 1
+        stepHash = h &+ UInt64(repeats) &* 0x9E37_79B9_7F4A_7C15
         switch op {
         case let .write(dev, offset, length, data):
             let size = Geo.sizes[dev]
             let off = offset % size
             let len = min(length, size - off)
             let start = data % (pool.count - len + 1)
-            let (_, err) = errnoOf {
+            let (_, err) = injecting {
                 try pool.withUnsafeBytes { p in
                     try devices[dev].write(UnsafeRawBufferPointer(rebasing: p[start..<(start + len)]), at: UInt64(off))
                 }
             }
-            try check(err == 0, "original write \(off)+\(len) to device \(dev) failed: \(Errno_.name(err))")
-            pool.withUnsafeBytes { src in
-                orig[dev].withUnsafeMutableBytes { dst in
-                    if len > 0 { (dst.baseAddress! + off).copyMemory(from: src.baseAddress! + start, byteCount: len) }
-                }
-            }
-            cbtWrite(dev, off, len)
-            if let s = snapshotOf(dev), s.taken { _ = storeChunks(s, s.devs.firstIndex(of: dev)!, off, len) }
-            try checkOriginal(dev, off, len)
+            try originalChanged(dev, off, len, err: err, kind: .write, new: pool[start..<(start + len)])
 
         case let .discard(dev, offset, length):
             let size = Geo.sizes[dev]
             let off = offset % size
             let len = min(length, size - off)
-            let (_, err) = errnoOf { try devices[dev].discard(at: UInt64(off), length: UInt64(len)) }
-            try check(err == 0, "discard \(off)+\(len) on device \(dev) failed: \(Errno_.name(err))")
-            orig[dev].withUnsafeMutableBytes { dst in
-                if len > 0 { (dst.baseAddress! + off).initializeMemory(as: UInt8.self, repeating: 0, count: len) }
-            }
-            cbtWrite(dev, off, len)
-            if let s = snapshotOf(dev), s.taken { _ = storeChunks(s, s.devs.firstIndex(of: dev)!, off, len) }
-            try checkOriginal(dev, off, len)
+            let (_, err) = injecting { try devices[dev].discard(at: UInt64(off), length: UInt64(len)) }
+            try originalChanged(dev, off, len, err: err, kind: .discard, new: [UInt8](repeating: 0, count: len)[...])
+
+        case let .flush(dev):
+            let (_, err) = injecting { try devices[dev].flush() }
+            let expected = nextFailure("dev\(dev)", .flush)?.errno?.rawValue ?? 0
+            stats.note("flush", err)
+            try check(err == expected, "flush of device \(dev): engine \(Errno_.name(err)), model \(Errno_.name(expected))")
+            try allAccountedFor("flush")
 
         case let .imageRead(image, offset, length):
             let all = takenImages
@@ -506,10 +640,18 @@ private final class Harness {
             guard let img = engine.image(s.imageIds[k]) else {
                 throw Mismatch(description: "no engine image \(s.imageIds[k]) for device \(s.devs[k]) of \(s.id)")
             }
-            let (bytes, err) = errnoOf { try img.readBytes(at: UInt64(off), count: len) }
+            let (bytes, err) = injecting { try img.readBytes(at: UInt64(off), count: len) }
             if s.corrupted {
                 try check(err == Errno_.EIO, "reading corrupted image of device \(s.devs[k]) gave \(Errno_.name(err)), not EIO")
                 stats.imageReadsEIO += 1
+            } else if let f = failures.first {
+                // The read stops at its first fault, on the storage or the original.
+                failures.removeFirst()
+                try check(f.kind == .read && (f.device == "storage" || f.device == "dev\(s.devs[k])"),
+                          "image read of device \(s.devs[k]) met \(f)")
+                stats.note("imageRead", err)
+                try check(err == f.errno!.rawValue,
+                          "image read meeting \(f): engine \(Errno_.name(err)), model \(Errno_.name(f.errno!.rawValue))")
             } else {
                 try check(err == 0, "image read \(off)+\(len) of device \(s.devs[k]) failed: \(Errno_.name(err))")
                 try check(sameBytes(bytes!, s.images[k][off..<(off + len)]),
@@ -517,6 +659,7 @@ private final class Harness {
                           + firstDifference(bytes!, Array(s.images[k][off..<(off + len)])))
                 stats.imageReadsCompared += 1
             }
+            try allAccountedFor("image read")
 
         case let .imageWrite(image, offset, length, data):
             let all = takenImages
@@ -530,23 +673,40 @@ private final class Harness {
             guard let img = engine.image(s.imageIds[k]) else {
                 throw Mismatch(description: "no engine image \(s.imageIds[k]) for device \(dev) of \(s.id)")
             }
-            let (_, err) = errnoOf {
+            let (_, err) = injecting {
                 try pool.withUnsafeBytes { p in
                     try img.write(UnsafeRawBufferPointer(rebasing: p[start..<(start + len)]), at: UInt64(off))
                 }
             }
-            let expected: Int32
-            if s.corrupted || !storeChunks(s, k, off, len) {
+            var expected: Int32 = 0
+            if s.corrupted {
                 expected = Errno_.EIO
             } else {
-                expected = 0
-                pool.withUnsafeBytes { src in
-                    s.images[k].withUnsafeMutableBytes { dst in
-                        if len > 0 { (dst.baseAddress! + off).copyMemory(from: src.baseAddress! + start, byteCount: len) }
-                    }
-                }
+                // Marked before anything is stored: a write failing half-way
+                // may have changed part of the image.
                 cbtBoth(dev, off, len, readMapToo: fault != .imageWritesLeaveReadMap)
+                // Chunk by chunk, as the engine: store the chunk, then write its piece.
+                var done = 0
+                while done < len {
+                    let position = off + done
+                    let n = min(len - done, Geo.chunkSize - (position & (Geo.chunkSize - 1)))
+                    guard storeChunks(s, k, position, n) else { expected = Errno_.EIO; break }
+                    let region = pieceOnStorage(s, k, position)
+                    storageWrites += 1
+                    if let f = nextFailure("storage", .write, at: region, call: storageWrites - 1) {
+                        expected = f.errno!.rawValue
+                        stats.failedWrites += 1
+                        let actual = try img.readBytes(at: UInt64(position), count: n)
+                        let new = try adoptEither(old: s.images[k][position..<(position + n)], new: pool[(start + done)..<(start + done + n)],
+                                                  actual: actual, what: "image write failing at \(position)+\(n)")
+                        s.images[k].replaceSubrange(position..<(position + n), with: new)
+                        break
+                    }
+                    s.images[k].replaceSubrange(position..<(position + n), with: pool[(start + done)..<(start + done + n)])
+                    done += n
+                }
             }
+            try allAccountedFor("image write")
             stats.note("imageWrite", err)
             try check(err == expected, "image write \(off)+\(len) to device \(dev): engine \(Errno_.name(err)), model \(Errno_.name(expected))")
             // Image writes never reach the original.
@@ -631,7 +791,7 @@ private final class Harness {
                 s.extents += held
                 s.held += ranges.filter { $0.count > 0 }
                 for r in ranges where r.count > 0 {
-                    s.ranges.append((r.count, 0))
+                    s.ranges.append((r.offset, r.count, 0))
                     s.capacity += r.count
                 }
                 if !ranges.isEmpty, s.lowFlag, s.capacity >= s.requested { s.lowFlag = false }
@@ -641,7 +801,7 @@ private final class Harness {
 
         case let .take(snap):
             let (s, id) = resolve(snap)
-            let expected: Int32
+            var expected: Int32
             if let s {
                 if s.taken { expected = Errno_.EALREADY }
                 else if s.devs.isEmpty { expected = Errno_.ENODEV }
@@ -650,7 +810,14 @@ private final class Harness {
             } else {
                 expected = Errno_.ESRCH
             }
-            let (_, err) = errnoOf { try engine.takeSnapshot(id) }
+            let (_, err) = injecting { try engine.takeSnapshot(id) }
+            // TAKE flushes every device first; a failed flush refuses it.
+            if expected == 0, let f = failures.first {
+                failures.removeFirst()
+                try check(f.kind == .flush && s!.devs.contains { f.device == "dev\($0)" }, "take met \(f)")
+                expected = f.errno!.rawValue
+            }
+            try allAccountedFor("take")
             stats.note("take", err)
             try check(err == expected, "take: engine \(Errno_.name(err)), model \(Errno_.name(expected))")
             if let s, err == 0 {
@@ -660,6 +827,7 @@ private final class Harness {
                     switchMaps(d)
                     s.images.append(orig[d])
                     s.stored.append([Bool](repeating: false, count: Geo.chunkCount(d)))
+                    s.locations.append([UInt64](repeating: 0, count: Geo.chunkCount(d)))
                     s.imageIds.append(DevId(major: 252, minor: allocMinor()))
                 }
                 let areas = engine.snapshot(id)?.diffAreas ?? []
@@ -811,7 +979,7 @@ private final class Harness {
     }
 
     /// At DESTROY: a corrupted snapshot said so exactly once per device,
-    /// with ENOSPC; any other snapshot never did.
+    /// with the errno that corrupted it; any other snapshot never did.
     private func checkCorruptedEvents(_ s: ModelSnapshot, pending: [SnapshotEvent]) throws {
         var all = s.corruptedSeen
         for e in pending where e.code == .corrupted {
@@ -821,7 +989,8 @@ private final class Harness {
         let expectedDevs = s.corrupted ? s.devs.map { Geo.devIds[$0] }.sorted() : []
         try check(all.map(\.dev).sorted() == expectedDevs,
                   "corrupted events for \(all.map(\.dev)), expected one for each of \(expectedDevs)")
-        try check(all.allSatisfy { $0.err == Errno_.ENOSPC }, "corrupted events with errors \(all.map(\.err)), not ENOSPC")
+        try check(all.allSatisfy { $0.err == s.corruptedErr },
+                  "corrupted events with errors \(all.map(\.err)), not \(Errno_.name(s.corruptedErr))")
     }
 
     private func observeGeneration(_ dev: Int, _ id: UUID16) throws {
@@ -915,12 +1084,15 @@ private final class Harness {
 
 private enum OpKind: CaseIterable {
     case write, discard, imageRead, imageWrite, create, append, take, destroy, markDirty, removeTracker, readCbt, waitEvent
+    case flush
 }
 
 private struct Profile: Sendable {
     var name: String
     var weights: [(OpKind, Int)]
     var undersized: Bool
+    /// What the disks beneath the engine do wrong; none but in "faulty".
+    var faults: [FaultRule] = []
 
     /// Data-heavy, every control path, trackers removed now and then.
     static let mixed = Profile(name: "mixed", weights: [
@@ -943,6 +1115,20 @@ private struct Profile: Sendable {
         (.write, 40), (.discard, 2), (.imageRead, 14), (.imageWrite, 10), (.create, 6), (.append, 5), (.take, 7),
         (.destroy, 4), (.markDirty, 3), (.removeTracker, 1), (.readCbt, 4), (.waitEvent, 4),
     ], undersized: true)
+    /// The mixed load on disks that fail now and then: every kind of call
+    /// on the backing stores, reads and writes on the storage disk.
+    static let faulty = Profile(name: "faulty", weights: [
+        (.write, 26), (.discard, 2), (.imageRead, 14), (.imageWrite, 8), (.create, 7), (.append, 7), (.take, 7),
+        (.destroy, 6), (.markDirty, 4), (.removeTracker, 2), (.readCbt, 5), (.waitEvent, 3), (.flush, 3),
+    ], undersized: false, faults: [
+        FaultRule(devices: ["storage"], kinds: [.write], when: .random(0.006),
+                  effects: [.fail(.ioError), .fail(.noSpace), .short(.ioError), .delay(microseconds: 20)]),
+        // Image reads reach the storage less often than writes do.
+        FaultRule(devices: ["storage"], kinds: [.read], when: .random(0.03),
+                  effects: [.fail(.ioError), .short(.ioError), .delay(microseconds: 20)]),
+        FaultRule(devices: ["dev0", "dev1", "dev2"], when: .random(0.015),
+                  effects: [.fail(.ioError), .fail(.noSpace), .short(.ioError), .short(.noSpace), .delay(microseconds: 20)]),
+    ])
 }
 
 private struct Generator {
@@ -1131,6 +1317,9 @@ private struct Generator {
         case .waitEvent:
             if h.live.isEmpty || rng.chance(10) { return .waitEvent(snap: staleSelector()) }
             return .waitEvent(snap: rng.below(h.live.count))
+
+        case .flush:
+            return .flush(dev: rng.below(3))
         }
     }
 
@@ -1153,7 +1342,7 @@ private enum ModelRun {
         var ops: [ModelOp] = []
         ops.reserveCapacity(count)
         let h: Harness
-        do { h = try Harness(seed: seed, fault: fault) } catch {
+        do { h = try Harness(seed: seed, fault: fault, faultRules: profile.faults) } catch {
             return ([], Failure(message: "rig: \(error)", index: 0), RunStats())
         }
         var g = Generator(seed: seed, profile: profile)
@@ -1172,9 +1361,9 @@ private enum ModelRun {
     }
 
     /// Runs a list from scratch on a fresh rig; the first failure, if any.
-    static func replay(seed: UInt64, ops: [ModelOp], fault: ModelFault = .none) -> Failure? {
+    static func replay(seed: UInt64, ops: [ModelOp], fault: ModelFault = .none, faults: [FaultRule] = []) -> Failure? {
         let h: Harness
-        do { h = try Harness(seed: seed, fault: fault) } catch { return Failure(message: "rig: \(error)", index: 0) }
+        do { h = try Harness(seed: seed, fault: fault, faultRules: faults) } catch { return Failure(message: "rig: \(error)", index: 0) }
         for (i, op) in ops.enumerated() {
             do {
                 try h.run(op)
@@ -1190,11 +1379,11 @@ private enum ModelRun {
     /// Delta debugging: drop chunks of operations, halving the chunk size,
     /// keeping every removal after which the list still fails.
     static func shrink(seed: UInt64, ops start: [ModelOp], failure: Failure, fault: ModelFault = .none,
-                       budgetSeconds: Double = 120) -> (ops: [ModelOp], failure: Failure) {
+                       faults: [FaultRule] = [], budgetSeconds: Double = 120) -> (ops: [ModelOp], failure: Failure) {
         let deadline = monotonicNanoseconds() + UInt64(budgetSeconds * 1e9)
         var ops = Array(start.prefix(failure.index + 1))
         var last = failure
-        if let f = replay(seed: seed, ops: ops, fault: fault) { last = f } else { ops = start }
+        if let f = replay(seed: seed, ops: ops, fault: fault, faults: faults) { last = f } else { ops = start }
         var chunk = max(ops.count / 2, 1)
         while true {
             var removed = false
@@ -1203,7 +1392,7 @@ private enum ModelRun {
                 if monotonicNanoseconds() > deadline { return (ops, last) }
                 var candidate = ops
                 candidate.removeSubrange(i..<min(i + chunk, ops.count))
-                if let f = replay(seed: seed, ops: candidate, fault: fault) {
+                if let f = replay(seed: seed, ops: candidate, fault: fault, faults: faults) {
                     // Everything after the failing step is irrelevant.
                     ops = Array(candidate.prefix(f.index + 1))
                     last = f
@@ -1223,7 +1412,7 @@ private enum ModelRun {
         s += "  \(failure.message) (at step \(failure.index))\n"
         s += "Replay with ModelRun.replay(seed: 0x\(String(seed, radix: 16)), ops: [\n"
         for op in ops { s += "    \(op),\n" }
-        s += "])"
+        s += profile == "faulty" ? "], faults: Profile.faulty.faults)" : "])"
         return s
     }
 
@@ -1231,7 +1420,7 @@ private enum ModelRun {
     static func runSeed(_ seed: UInt64, profile: Profile, count: Int) -> RunStats {
         let (ops, failure, stats) = generate(seed: seed, profile: profile, count: count)
         if let failure {
-            let (small, last) = shrink(seed: seed, ops: ops, failure: failure)
+            let (small, last) = shrink(seed: seed, ops: ops, failure: failure, faults: profile.faults)
             let text = report(seed: seed, profile: profile.name, ops: small, failure: last)
             print(text)
             Issue.record(Comment(rawValue: text))
@@ -1291,13 +1480,62 @@ private let opsPerSeed = 10_000
         #expect(stats.saw("destroy", 0))
     }
 
+    /// The disks beneath the engine fail: no write is lost or wrongly
+    /// acknowledged, corruption is reported once per device, and snapshots
+    /// go on being taken and destroyed.
+    @Test(arguments: [UInt64(0xFA17_0001), 0xFA17_5EED_0002, 0xFA17_D15C_0003])
+    func faultsAreReportedAndNothingAcknowledgedIsLost(seed: UInt64) {
+        let t0 = monotonicNanoseconds()
+        let stats = ModelRun.runSeed(seed, profile: .faulty, count: opsPerSeed)
+        let injected = stats.faults.values.reduce(0, +)
+        let table = stats.faults.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
+        print("faulty seed 0x\(String(seed, radix: 16)): \(stats.ops) ops in \((monotonicNanoseconds() - t0) / 1_000_000) ms; "
+              + "\(injected) faults injected (\(table)); failed writes \(stats.failedWrites), "
+              + "corruptions \(stats.corruptions) (\(stats.faultCorruptions) by faults), takes \(stats.takes), "
+              + "image reads \(stats.imageReadsCompared) (+\(stats.imageReadsEIO) EIO), "
+              + "flush EIO/ENOSPC \((stats.errnos["flush EIO"] ?? 0) + (stats.errnos["flush ENOSPC"] ?? 0))")
+        #expect(stats.ops == opsPerSeed)
+        #expect(injected >= 100)
+        #expect(stats.failedWrites >= 20)
+        #expect(stats.faultCorruptions >= 5)
+        #expect(stats.takes >= 100)
+        #expect(stats.imageReadsCompared >= 300)
+        #expect(stats.saw("write", Errno_.EIO) && stats.saw("write", Errno_.ENOSPC))
+        #expect(stats.saw("flush", Errno_.EIO) || stats.saw("flush", Errno_.ENOSPC))
+        #expect(stats.saw("imageRead", Errno_.EIO), "no image read met a fault")
+        #expect(stats.saw("destroy", 0))
+    }
+
+    /// A model that takes a failed write for a landed one is caught by the
+    /// first such write, and the list shrinks to little more than it.
+    @Test func harnessCatchesAWriteThatFailedUnnoticed() {
+        let seed: UInt64 = 0xFA17_0001
+        let wrong = ModelFault.failedWritesLookAcknowledged
+        let (ops, failure, _) = ModelRun.generate(seed: seed, profile: .faulty, count: 3000, fault: wrong)
+        guard let failure else {
+            Issue.record("a model that ignores failed writes went unnoticed")
+            return
+        }
+        let faults = Profile.faulty.faults
+        let (small, last) = ModelRun.shrink(seed: seed, ops: ops, failure: failure, fault: wrong, faults: faults,
+                                            budgetSeconds: 30)
+        let text = ModelRun.report(seed: seed, profile: "faulty", ops: small, failure: last)
+        print("(expected) shrunk from \(ops.count) steps: " + text)
+        #expect(ModelRun.replay(seed: seed, ops: small, fault: wrong, faults: faults) != nil)
+        #expect(ModelRun.replay(seed: seed, ops: small, faults: faults) == nil, "the shrunk list fails with the right model too")
+        #expect(small.count <= 3, "\(text)")
+        if case .write = small.last {} else if case .discard = small.last {} else {
+            Issue.record("the shrunk list does not end in the failing write: \(text)")
+        }
+    }
+
     /// Opt-in soak: `BLKSNAP_MODEL_SOAK=<seeds>` runs that many more seeds
     /// (numbered from 1) through every profile.
     @Test(.enabled(if: getenv("BLKSNAP_MODEL_SOAK") != nil))
     func soak() {
         let seeds = Int(String(cString: getenv("BLKSNAP_MODEL_SOAK")!)) ?? 10
         for seed in 1...UInt64(max(seeds, 1)) {
-            for profile in [Profile.mixed, .longTrackers, .cycling, .undersized] {
+            for profile in [Profile.mixed, .longTrackers, .cycling, .undersized, .faulty] {
                 let stats = ModelRun.runSeed(seed, profile: profile, count: opsPerSeed)
                 if stats.ops < opsPerSeed { return }
             }
@@ -1305,21 +1543,25 @@ private let opsPerSeed = 10_000
     }
 
     /// The harness itself: a model that forgets one rule must be caught,
-    /// and shrunk to the few steps that show it.
-    @Test func harnessCatchesAndShrinksAWrongModel() {
+    /// and shrunk to the few steps that show it, with faults on the disks
+    /// too (each kept step meets the faults it met in the long run).
+    @Test(arguments: [0, 1])
+    func harnessCatchesAndShrinksAWrongModel(profileIndex: Int) {
         let seed: UInt64 = 0x5EED_0001
-        let (ops, failure, _) = ModelRun.generate(seed: seed, profile: .mixed, count: 3000, fault: .imageWritesLeaveReadMap)
+        let profile = [Profile.mixed, .faulty][profileIndex]
+        let (ops, failure, _) = ModelRun.generate(seed: seed, profile: profile, count: 3000, fault: .imageWritesLeaveReadMap)
         guard let failure else {
             Issue.record("a model that ignores the read map on image writes went unnoticed")
             return
         }
         let (small, last) = ModelRun.shrink(seed: seed, ops: ops, failure: failure, fault: .imageWritesLeaveReadMap,
-                                            budgetSeconds: 30)
-        #expect(ModelRun.replay(seed: seed, ops: small, fault: .imageWritesLeaveReadMap) != nil)
-        #expect(ModelRun.replay(seed: seed, ops: small) == nil, "the shrunk list fails with the right model too")
+                                            faults: profile.faults, budgetSeconds: 30)
+        #expect(ModelRun.replay(seed: seed, ops: small, fault: .imageWritesLeaveReadMap, faults: profile.faults) != nil)
+        #expect(ModelRun.replay(seed: seed, ops: small, faults: profile.faults) == nil,
+                "the shrunk list fails with the right model too")
         // create, append, take, and one image write over a block the
         // previous epoch did not write: at least four steps.
-        let text = ModelRun.report(seed: seed, profile: "mixed", ops: small, failure: last)
+        let text = ModelRun.report(seed: seed, profile: profile.name, ops: small, failure: last)
         print("(expected) shrunk from \(ops.count) steps: " + text)
         #expect(small.count >= 4 && small.count <= 8, "\(text)")
     }

@@ -6,7 +6,7 @@ import Logging
 /// in-memory disks that difference storage can be opened on by number.
 final class FakeHost: HostDevices, @unchecked Sendable {
     var unrouted: Set<DevId> = []
-    var disks: [DevId: MemoryBlockDevice] = [:]
+    var disks: [DevId: any BlockDevice] = [:]
 
     func exists(_ devId: DevId) -> Bool { unrouted.contains(devId) || disks[devId] != nil }
     func path(of devId: DevId) -> String? { exists(devId) ? "/dev/fake\(devId.minor)" : nil }
