@@ -70,11 +70,14 @@ public enum DeviceMapper {
         return table
     }
 
-    /// Swaps a live device's table for the one in a file: suspend (which
-    /// drains what is in flight, and freezes a filesystem on it), load,
-    /// resume. On a failed load the device resumes on the table it had.
+    /// Swaps a live device's table for the one in a file: suspend, load,
+    /// resume. Suspend drains the I/O in flight on the old table and holds
+    /// new I/O until resume, which is all the swap needs; freezing the
+    /// filesystem too (lockfs) would only lengthen the pause by flushing
+    /// its dirty pages first. On a failed load the device resumes on the
+    /// table it had.
     public static func swapTable(of name: String, toTableIn file: String) throws(BlksnapError) {
-        try dmsetup(["suspend", name])
+        try dmsetup(["suspend", "--nolockfs", name])
         do throws(BlksnapError) {
             try dmsetup(["load", name, file])
         } catch {
