@@ -40,9 +40,11 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
     let listPath: String?
     /// Opens an NBD URI as a backing (libnbd lives outside this module).
     let openURI: (@Sendable (String) throws(BlksnapError) -> any BlockDevice)?
-    private let lock = Lock()
-    private weak var engine: Engine?
-    private var routed: [DevId: (made: MadeDevice, backing: String, backend: String, size: UInt64)] = [:]
+    let lock = Lock()
+    private(set) weak var engine: Engine?
+    /// Keyed by the number the engine routes: the made device's, or for a
+    /// live-routed dm device the dm device's own.
+    var routed: [DevId: (made: MadeDevice, backing: String, backend: String, size: UInt64, live: SavedDevices.Live?)] = [:]
     private var images: [ObjectIdentifier: (made: MadeDevice, nodes: [String], backend: String)] = [:]
     /// Saved devices of another maker's kind: kept in the list for a
     /// blksnapd that makes that kind.
@@ -66,11 +68,19 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
         if !saved.isEmpty { recover(saved, engine: engine) }
     }
 
-    /// Removes every device it made.
+    /// Removes every device it made; live-routed dm devices get their own
+    /// tables back first, so what is mounted on them carries on.
     public func stop() {
         let (all, imgs) = lock.withLock { (Array(routed.values), Array(images.values)) }
         for i in imgs { removeImageDevice(i.made, nodes: i.nodes) }
-        for r in all {
+        for r in all where r.live != nil {
+            do throws(BlksnapError) {
+                try detachLive(r.live!.devId)
+            } catch {
+                logger.error("blksnapd: cannot give /dev/mapper/\(r.live!.name) its own table back: \(error.message); \(r.live!.restoreHint)")
+            }
+        }
+        for r in all where r.live == nil {
             if let m = Quiesce.mountpoints(of: r.made.devId).first {
                 logger.warning("blksnapd: \(r.made.node) is still mounted on \(m); it fails from now on")
             }
@@ -141,9 +151,9 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
         return Attached(node: made.node, devId: made.devId.description, backing: label, sizeBytes: backing.size)
     }
 
-    private func added(_ made: MadeDevice, device: RoutedDevice, label: String, backend: String) {
+    func added(_ made: MadeDevice, device: RoutedDevice, label: String, backend: String, live: SavedDevices.Live? = nil) {
         lock.withLock {
-            routed[made.devId] = (made, label, backend, device.size)
+            routed[device.devId] = (made, label, backend, device.size, live)
             persist()
         }
         onDevice?(.added(name: made.name, device: device, devId: made.devId, original: nil))
@@ -154,7 +164,7 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
     }
 
     /// Opens a backing as attach names it.
-    private func openBacking(_ backing: String) throws(BlksnapError) -> any BlockDevice {
+    func openBacking(_ backing: String) throws(BlksnapError) -> any BlockDevice {
         if isURI(backing) {
             guard let openURI else { throw BlksnapError(.notSupported, "this blksnapd cannot open NBD URIs") }
             return try openURI(backing)
@@ -186,6 +196,9 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
         guard let engine = lock.withLock({ engine }) else { throw BlksnapError(.ioError, "the data plane is not started") }
         guard let r = lock.withLock({ routed[devId] }) else {
             throw BlksnapError(.noSuchAddressOrDevice, "\(devId) is not a routed device")
+        }
+        if let live = r.live {
+            throw BlksnapError(.invalidArgument, "/dev/mapper/\(live.name) is live-routed; `blksnapctl detach --live` gives it its own table back")
         }
         if let m = Quiesce.mountpoints(of: devId).first {
             throw BlksnapError(.resourceBusy, "\(r.made.node) is mounted on \(m); unmount it first")
@@ -220,8 +233,9 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
     // MARK: SnapshotHooks
 
     public func quiesce(_ devices: [RoutedDevice]) throws(BlksnapError) -> @Sendable () -> Void {
+        try checkLiveTables(devices.map(\.devId))
         let nodes = lock.withLock {
-            devices.map { d in (devId: d.devId, node: routed[d.devId]?.made.node ?? "") }
+            devices.map { d in (devId: d.devId, node: routed[d.devId].map { $0.live.map { "/dev/mapper/" + $0.name } ?? $0.made.node } ?? "") }
         }
         // Freeze's fsync of each node already reaches the engine's flush
         // (loop's flush becomes a FUSE fsync, kernel NBD sends FLUSH).
@@ -304,14 +318,14 @@ extension DataPlane {
                 guard backing.size == d.sizeBytes ?? backing.size else {
                     throw BlksnapError(.invalidArgument, "\(label) now holds \(backing.size) bytes, not \(d.sizeBytes ?? 0)")
                 }
-                let device = try engine.route(d.made.devId, backing: backing)
+                let device = try engine.route(d.live?.devId ?? d.made.devId, backing: backing)
                 do throws(BlksnapError) {
                     try maker.reclaim(d.made, as: device, backend: d.backend)
                 } catch {
                     try? engine.unroute(d.made.devId)
                     throw error
                 }
-                added(d.made, device: device, label: label, backend: d.backend)
+                added(d.made, device: device, label: label, backend: d.backend, live: d.live)
                 logger.notice("blksnapd: \(d.node) (\(d.made.devId)) routes \(label) again; what the previous blksnapd acknowledged is there, and waiting requests go on")
             } catch {
                 maker.abandon(d.made, backend: d.backend)
@@ -327,12 +341,14 @@ extension DataPlane {
     /// Writes the saved list; under `lock`. A list that cannot be written
     /// is logged, not thrown: the device itself is fine, only a crash
     /// could not be recovered from.
-    private func persist() {
+    func persist() {
         guard let listPath else { return }
         var list = foreign
         let kind = maker.kind
         for r in routed.values.sorted(by: { $0.made.index < $1.made.index }) {
-            list.routed.append(.init(kind: kind, made: r.made, backend: r.backend, backing: r.backing, sizeBytes: r.size))
+            var d = SavedDevices.Device(kind: kind, made: r.made, backend: r.backend, backing: r.backing, sizeBytes: r.size)
+            d.live = r.live
+            list.routed.append(d)
         }
         for i in images.values.sorted(by: { $0.made.index < $1.made.index }) {
             list.images.append(.init(kind: kind, made: i.made, backend: i.backend, nodes: i.nodes))

@@ -32,6 +32,8 @@ public struct SavedDevices: Codable, Equatable, Sendable {
         public var sizeBytes: UInt64?
         /// Images: the nodes made for them (/dev/blksnap-imageN, /dev/block link).
         public var nodes: [String]?
+        /// A dm device live-routed through this one.
+        public var live: Live?
 
         public init(kind: String, made: MadeDevice, backend: String, backing: String? = nil,
                     sizeBytes: UInt64? = nil, nodes: [String]? = nil) {
@@ -42,6 +44,29 @@ public struct SavedDevices: Codable, Equatable, Sendable {
 
         public var made: MadeDevice {
             MadeDevice(name: name, node: node, devId: DevId(major: major, minor: minor), index: index)
+        }
+    }
+
+    /// A device-mapper device whose table was swapped to map onto a routed
+    /// device: the engine routes it under its own number, and its own
+    /// table is kept in a file beside the list, for detach and for a hand
+    /// that must put it back without blksnapd.
+    public struct Live: Codable, Equatable, Sendable {
+        public var name: String
+        public var major: UInt32
+        public var minor: UInt32
+        /// The file holding the device's own table (dmsetup's format).
+        public var tableFile: String
+
+        public init(name: String, devId: DevId, tableFile: String) {
+            (self.name, self.major, self.minor, self.tableFile) = (name, devId.major, devId.minor, tableFile)
+        }
+
+        public var devId: DevId { DevId(major: major, minor: minor) }
+
+        /// The dmsetup line that puts the device's own table back.
+        public var restoreHint: String {
+            "to put it back by hand: dmsetup suspend \(name) && dmsetup load \(name) \(tableFile) && dmsetup resume \(name)"
         }
     }
 

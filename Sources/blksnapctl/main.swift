@@ -86,6 +86,17 @@ struct Attach: ParsableCommand {
             another NBD server exports. Prints the new \
             device node and its major:minor; track and snapshot that device, \
             and use it instead of BACKING from now on.
+
+            With --live, BACKING is a device-mapper device (an LVM volume: \
+            /dev/VG/LV, /dev/mapper/NAME, /dev/dm-N) that may stay mounted and \
+            written: it keeps its name and number, and its writes pass through \
+            the engine from then on (kernel NBD only; linear and striped tables). \
+            Do not lvextend, lvreduce, pvmove or lvremove it until detach --live.
+
+            Examples:
+              blksnapctl attach /var/lib/disks/vm1.img --size 10G
+              blksnapctl attach 'nbd+unix:///disk?socket=/run/qsd.sock'
+              blksnapctl attach --live /dev/vg0/data
             """)
 
     @OptionGroup var options: SocketOption
@@ -96,16 +107,24 @@ struct Attach: ParsableCommand {
     @Option(help: "Size of a regular file (grown if smaller): bytes, or with K, M, G or T (powers of 1024), e.g. 10G.")
     var size: ByteCount?
 
+    @Flag(help: "Route a mounted device-mapper device in place, without unmounting it.")
+    var live = false
+
+    func validate() throws {
+        if live && size != nil { throw ValidationError("--live routes a device as it is; --size does not apply") }
+    }
+
     func run() throws {
         var path = backing
         if !path.hasPrefix("/") && !path.contains("://") {
             var cwd = [CChar](repeating: 0, count: 4096)
             path = String(cString: getcwd(&cwd, cwd.count)) + "/" + path
         }
-        struct Request: Codable { var backing: String; var size: UInt64? }
+        struct Request: Codable { var backing: String; var size: UInt64?; var live: Bool? }
         let client = try ControlClient(path: options.socket)
+        let request = Request(backing: path, size: size?.bytes, live: live ? true : nil)
         let (result, payload) = try client.request(type: BLKSNAP_CONTROL_ATTACH.rawValue,
-                                                   payload: Array(try JSONEncoder().encode(Request(backing: path, size: size?.bytes))))
+                                                   payload: Array(try JSONEncoder().encode(request)))
         guard result == 0 else { throw failure("attach", result, payload) }
         struct Attached: Codable { var node: String; var devId: String }
         let attached = try JSONDecoder().decode(Attached.self, from: Data(payload))
@@ -116,18 +135,29 @@ struct Attach: ParsableCommand {
 struct Detach: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Stop routing a device: flushes it and leaves its backing store consistent.",
-        discussion: "Refused while the device is in a snapshot or mounted.")
+        discussion: """
+            Refused while the device is in a snapshot or mounted. With --live, \
+            a live-routed device-mapper device gets its own table back while \
+            it stays mounted.
+
+            Examples:
+              blksnapctl detach /dev/loop64
+              blksnapctl detach --live /dev/vg0/data
+            """)
 
     @OptionGroup var options: SocketOption
 
-    @Argument(help: "The routed device: its node (/dev/loop64) or major:minor.")
+    @Argument(help: "The routed device: its node (/dev/loop64, /dev/vg0/data) or major:minor.")
     var device: String
 
+    @Flag(help: "Undo attach --live: the device-mapper device gets its own table back, live.")
+    var live = false
+
     func run() throws {
-        struct Request: Codable { var device: String }
+        struct Request: Codable { var device: String; var live: Bool? }
         let client = try ControlClient(path: options.socket)
         let (result, payload) = try client.request(type: BLKSNAP_CONTROL_DETACH.rawValue,
-                                                   payload: Array(try JSONEncoder().encode(Request(device: device))))
+                                                   payload: Array(try JSONEncoder().encode(Request(device: device, live: live ? true : nil))))
         guard result == 0 else { throw failure("detach", result, payload) }
     }
 }

@@ -274,8 +274,8 @@ struct StateDirectory {
 
 /// blksnapctl attach and detach, as JSON over the control socket.
 enum DeviceRequests {
-    struct Attach: Codable { var backing: String; var size: UInt64? }
-    struct Detach: Codable { var device: String }
+    struct Attach: Codable { var backing: String; var size: UInt64?; var live: Bool? }
+    struct Detach: Codable { var device: String; var live: Bool? }
     struct Message: Codable { var error: String }
 
     static func answer(_ type: UInt32, _ payload: [UInt8], _ plane: DataPlane, logger: Logger) -> (Int32, [UInt8]) {
@@ -283,14 +283,16 @@ enum DeviceRequests {
             switch type {
             case BLKSNAP_CONTROL_ATTACH.rawValue:
                 let request = try JSONDecoder().decode(Attach.self, from: Data(payload))
-                let attached = try plane.attach(backing: request.backing, size: request.size)
+                let attached = request.live == true
+                    ? try plane.attachLive(request.backing)
+                    : try plane.attach(backing: request.backing, size: request.size)
                 return (0, Array(try JSONEncoder().encode(attached)))
             default:
                 let request = try JSONDecoder().decode(Detach.self, from: Data(payload))
                 guard let devId = plane.resolve(request.device) else {
                     throw BlksnapError(.noSuchAddressOrDevice, "\(request.device) is not a routed device")
                 }
-                try plane.detach(devId)
+                if request.live == true { try plane.detachLive(devId) } else { try plane.detach(devId) }
                 return (0, [])
             }
         } catch let error as BlksnapError {
