@@ -53,6 +53,9 @@ for n in 1 2 3; do
     check "backup $n restored: every file as recorded at its snapshot" matches_record "$scratch/restore$n.img" "$scratch/rec$n"
 done
 check "verify passes" backup verify --from "$repo"
+check "verify --against an image equal to backup 3" backup verify --from "$repo" --backup 3 --against "$scratch/restore3.img"
+check "verify --against an image of another point fails" \
+    bash -c "! '$blksnapctl' exec -- '$blksnap_backup' verify --from '$repo' --backup 3 --against '$scratch/restore2.img' >/dev/null 2>&1"
 
 mkdir -p "$scratch/mnt2"
 check "mount of backup 2" backup mount --from "$repo" --backup 2 --options noload "$scratch/mnt2"

@@ -157,7 +157,15 @@ public final class StorageStretcher: @unchecked Sendable {
         switch event {
         case .lowFreeSpace(let sectors):
             let (device, ranges) = try storage.allocate(sectors: sectors)
-            try client.appendStorage(id, device: device, ranges: ranges)
+            do {
+                try client.appendStorage(id, device: device, ranges: ranges)
+            } catch where error.errno == .notPermitted {
+                // Kernels built without BLK_DEV_WRITE_MOUNTED refuse a
+                // user-space engine (blksnapd) writes to a mounted disk.
+                throw BackupError(.notPermitted, "the engine may not write to \(device), the disk under \(storage.directory): "
+                                  + "this kernel refuses writes to a mounted disk; with blksnapd, put --storage on a file system "
+                                  + "on a routed device (blksnapctl attach FILE --size SIZE, mkfs, mount)")
+            }
             log("difference storage: +\(ranges.reduce(0) { $0 + $1.count } >> 11) MiB on \(device) (\(storage.allocatedBytes >> 20) MiB in all)")
         case .corrupted(let device, let code):
             let grow = monitor.locked { growFailure }.map { " (the storage could not grow: \($0.message))" } ?? ""

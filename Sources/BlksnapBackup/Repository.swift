@@ -28,12 +28,13 @@ public struct Repository: Sendable {
 
     public func file(_ number: Int, _ device: Manifest.Device) -> String { directory(number) + "/" + device.file }
 
-    /// The file name a device's qcow2 gets: its name without /dev/, with
-    /// slashes as dashes.
+    /// The file name a device's qcow2 gets: its name without /dev/ (or the
+    /// last part of a path elsewhere), with slashes as dashes.
     public static func fileName(forDevice name: String) -> String {
         var s = Substring(name)
-        if s.hasPrefix("/dev/") { s = s.dropFirst(5) }
-        while s.hasPrefix("/") { s = s.dropFirst() }
+        // /dev/mapper/vg-root keeps its folder; any other path (a stable
+        // link to a device, say) its last part.
+        if s.hasPrefix("/dev/") { s = s.dropFirst(5) } else if let slash = s.lastIndex(of: "/") { s = s[s.index(after: slash)...] }
         let cleaned = s.map { c -> Character in c == "/" || c == " " ? "-" : c }
         let base = String(cleaned)
         return (base.isEmpty || base.hasPrefix(".") ? "disk" + base : base) + ".qcow2"

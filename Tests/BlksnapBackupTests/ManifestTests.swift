@@ -29,6 +29,7 @@ final class ManifestTests: XCTestCase {
         XCTAssertEqual(Repository.fileName(forDevice: "/dev/loop64"), "loop64.qcow2")
         XCTAssertEqual(Repository.fileName(forDevice: "/dev/mapper/vg-root"), "mapper-vg-root.qcow2")
         XCTAssertEqual(Repository.fileName(forDevice: "/dev/.x"), "disk.x.qcow2")
+        XCTAssertEqual(Repository.fileName(forDevice: "/srv/disks/data"), "data.qcow2")
     }
 
     func testUtcText() {
