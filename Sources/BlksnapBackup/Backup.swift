@@ -64,10 +64,17 @@ public enum Backup {
         var stretcher: StorageStretcher?
         var backupDir: String?
         var committed = false
-        defer {
+        var destroyed = false
+        func release() {
             stretcher?.stop()
-            do { try client.destroy(id) } catch { progress.note("could not destroy snapshot \(id): \(error)") }
+            if !destroyed {
+                do { try client.destroy(id) } catch { progress.note("could not destroy snapshot \(id): \(error)") }
+                destroyed = true
+            }
             storage?.removeAll()
+        }
+        defer {
+            release()
             if !committed, let dir = backupDir { try? FileSystem.removeTree(dir) }
         }
 
@@ -162,17 +169,23 @@ public enum Backup {
                 throw error
             }
             progress.deviceFinished(plan.name, scanned: counts.scanned, written: counts.written)
-            let sha = try Subprocess.sha256(path)
             records.append(Manifest.Device(name: plan.name, file: plan.file, devId: plan.info.devId.description,
                                            sizeBytes: plan.info.deviceCapacity,
                                            generationId: plan.info.generationId.description,
                                            snapNumber: plan.info.snapNumber, blockSize: plan.info.blockSize,
-                                           bytesCopied: counts.written, bytesScanned: counts.scanned, sha256: sha))
+                                           bytesCopied: counts.written, bytesScanned: counts.scanned, sha256: ""))
         }
         s.stop()
         // Reads that succeeded were of intact chunks, but a snapshot that
         // overflowed at all is not a backup to keep.
         if let e = s.error { throw e }
+        // The copy is done: the snapshot goes before the checksums are
+        // read, so copy-on-write burdens the devices no longer than needed.
+        release()
+        for i in records.indices {
+            try checkInterrupt()
+            records[i].sha256 = try Subprocess.sha256(dir + "/" + records[i].file)
+        }
         try checkInterrupt()
         let manifest = Manifest(number: number, kind: parent == nil ? .full : .incremental, parent: parent,
                                 takenAt: takenAt, seconds: ((monotonicSeconds() - start) * 1000).rounded() / 1000,

@@ -41,6 +41,7 @@ final class Monitor: @unchecked Sendable {
         pthread_mutex_destroy(&mutex)
     }
 
+    @discardableResult
     func locked<T>(_ body: () throws -> T) rethrows -> T {
         pthread_mutex_lock(&mutex)
         defer { pthread_mutex_unlock(&mutex) }
