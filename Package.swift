@@ -96,7 +96,6 @@ let package = Package(
             name: "blksnap-backup",
             dependencies: [
                 "BlksnapBackup",
-                "BlksnapABI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -127,7 +126,7 @@ let package = Package(
             name: "BlksnapDevicesTests",
             dependencies: ["BlksnapDevices", "BlksnapEngine", "BlksnapABI", .product(name: "Logging", package: "swift-log")]
         ),
-        .testTarget(name: "BlksnapBackupTests", dependencies: ["BlksnapBackup", "BlksnapABI"]),
+        .testTarget(name: "BlksnapBackupTests", dependencies: ["BlksnapBackup"]),
         .testTarget(name: "BlksnapNBDTests", dependencies: ["BlksnapNBD", "BlksnapEngine", "BlksnapABI"]),
         .testTarget(name: "BlksnapShimServerTests", dependencies: ["BlksnapShimServer", "BlksnapEngine", "BlksnapABI", "CBlksnapABI"]),
     ]

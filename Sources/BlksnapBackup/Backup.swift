@@ -102,7 +102,7 @@ public enum Backup {
             guard info.blockSize >= 512, info.blockSize.nonzeroBitCount == 1,
                   info.blockCount <= (1 << 26),
                   UInt64(info.blockCount) * UInt64(info.blockSize) >= info.deviceCapacity,
-                  info.deviceCapacity % 512 == 0 else {
+                  info.deviceCapacity % 512 == 0, info.deviceCapacity < (UInt64(1) << 62) else {
                 throw BackupError(.outOfRange, "the tracker of \(name) reports an impossible geometry "
                                   + "(\(info.blockCount) blocks of \(info.blockSize) bytes for \(info.deviceCapacity) bytes)")
             }
