@@ -9,6 +9,7 @@ let package = Package(
         .library(name: "BlksnapEngine", targets: ["BlksnapEngine"]),
         .executable(name: "blksnapd", targets: ["blksnapd"]),
         .executable(name: "blksnapctl", targets: ["blksnapctl"]),
+        .executable(name: "blksnap-backup", targets: ["blksnap-backup"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
@@ -20,6 +21,7 @@ let package = Package(
         // this target reaches it through a symlink so C tools and Swift share it.
         .target(name: "CBlksnapABI"),
         .target(name: "CBlksnapLinux"),
+        .target(name: "CBlksnapBackup"),
         .systemLibrary(name: "CFuse3", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
         .systemLibrary(name: "CLibnbd", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
         .target(
@@ -78,6 +80,25 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        // A client of the v1 interface only (never the engine): the same
+        // program runs against blksnapd and against the kernel module.
+        .target(
+            name: "BlksnapBackup",
+            dependencies: [
+                "BlksnapABI",
+                "CBlksnapABI",
+                "CBlksnapBackup",
+                "CLibnbd",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        .executableTarget(
+            name: "blksnap-backup",
+            dependencies: [
+                "BlksnapBackup",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
         .executableTarget(
             name: "blksnap-nbd-serve",
             dependencies: [
@@ -114,6 +135,7 @@ let package = Package(
             name: "BlksnapDevicesTests",
             dependencies: ["BlksnapDevices", "BlksnapEngine", "BlksnapABI", .product(name: "Logging", package: "swift-log")]
         ),
+        .testTarget(name: "BlksnapBackupTests", dependencies: ["BlksnapBackup"]),
         .testTarget(name: "BlksnapNBDTests", dependencies: ["BlksnapNBD", "BlksnapEngine", "BlksnapABI"]),
         .testTarget(name: "BlksnapShimServerTests", dependencies: ["BlksnapShimServer", "BlksnapEngine", "BlksnapABI", "CBlksnapABI"]),
     ]
