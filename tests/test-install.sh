@@ -52,6 +52,10 @@ check "systemd-analyze verify printed no warning" test ! -s "$scratch/verify.txt
 
 check "the installed blksnapctl --help lists its commands" \
     bash -c "'$p/bin/blksnapctl' --help | grep -q 'attach'"
+for sub in status attach detach exec; do
+    check "blksnapctl $sub --help shows examples" bash -c "'$p/bin/blksnapctl' $sub --help | grep -q '^  blksnapctl $sub'"
+done
+check "blksnap-nbd-serve --help shows examples" bash -c "'$build/blksnap-nbd-serve' --help | grep -q '^  blksnap-nbd-serve --socket'"
 check "the installed blksnapd --help shows examples" \
     bash -c "'$p/sbin/blksnapd' --help | grep -q 'blksnapd --metrics 127.0.0.1:'"
 # exec finds lib/blksnap/libblksnap-preload.so beside its own prefix: the

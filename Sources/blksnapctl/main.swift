@@ -194,6 +194,9 @@ struct Exec: ParsableCommand {
 
     func run() throws {
         var argv = command
+        // Everything after `exec` is passed through, so --help before any
+        // `--` is ours to answer.
+        if argv.first == "--help" || argv.first == "-h" { throw CleanExit.helpRequest(Exec.self) }
         if argv.first == "--" { argv.removeFirst() }
         guard let program = argv.first else { throw ValidationError("name a command to run") }
         let library = try preload ?? Exec.findPreload()

@@ -33,7 +33,7 @@ struct Blksnapd: ParsableCommand {
               blksnapd                                   # defaults; run as root
               blksnapd --diff-storage-minimum 262144 --log-level debug
               blksnapd --devices fuse --mode shim        # FUSE+loop devices, preload shim
-              blksnapd --metrics 127.0.0.1:9177          # then: curl http://127.0.0.1:9177/metrics
+              blksnapd --metrics 127.0.0.1:9177          # Prometheus text at /metrics
               blksnapd --nbd-tcp 127.0.0.1:10809         # NBD exports over TCP too
               systemctl start blksnapd                   # as installed by tools/install
             """)
