@@ -15,6 +15,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // The single copy of <blksnap/blk_snap.h> lives in include/ at the top;
@@ -57,6 +58,16 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
+        // What an operator's service needs: readiness for systemd, metrics.
+        .target(
+            name: "BlksnapService",
+            dependencies: [
+                "BlksnapEngine",
+                "CBlksnapLinux",
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
         .executableTarget(
             name: "blksnapd",
             dependencies: [
@@ -66,6 +77,7 @@ let package = Package(
                 "BlksnapFUSE",
                 "BlksnapLibnbd",
                 "BlksnapNBD",
+                "BlksnapService",
                 "BlksnapShimServer",
                 "CBlksnapABI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -137,6 +149,7 @@ let package = Package(
         ),
         .testTarget(name: "BlksnapBackupTests", dependencies: ["BlksnapBackup"]),
         .testTarget(name: "BlksnapNBDTests", dependencies: ["BlksnapNBD", "BlksnapEngine", "BlksnapABI"]),
+        .testTarget(name: "BlksnapServiceTests", dependencies: ["BlksnapService", "BlksnapEngine", "BlksnapABI"]),
         .testTarget(name: "BlksnapShimServerTests", dependencies: ["BlksnapShimServer", "BlksnapEngine", "BlksnapABI", "CBlksnapABI"]),
     ]
 )

@@ -18,6 +18,8 @@ public final class RoutedDevice: BlockDevice, @unchecked Sendable {
     let gate = ReadWriteLock()
     /// Changed with `gate` exclusive.
     var tracker: Tracker?
+    /// Requests and bytes routed, chunks copied on write: for metrics.
+    public let counters = DeviceCounters()
 
     init(devId: DevId, backing: any BlockDevice) {
         self.devId = devId
@@ -35,6 +37,7 @@ public final class RoutedDevice: BlockDevice, @unchecked Sendable {
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(BlksnapError) {
         try check(offset, UInt64(buffer.count))
+        counters.countRead(buffer.count)
         try backing.read(into: buffer, at: offset)
     }
 
@@ -43,6 +46,7 @@ public final class RoutedDevice: BlockDevice, @unchecked Sendable {
         gate.lockShared()
         defer { gate.unlock() }
         tracker?.beforeWrite(offset: offset, length: UInt64(buffer.count))
+        counters.countWrite(buffer.count)
         try backing.write(buffer, at: offset)
     }
 
@@ -53,6 +57,7 @@ public final class RoutedDevice: BlockDevice, @unchecked Sendable {
         gate.lockShared()
         defer { gate.unlock() }
         tracker?.beforeWrite(offset: offset, length: length)
+        counters.countDiscard(length)
         try backing.discard(at: offset, length: length)
     }
 

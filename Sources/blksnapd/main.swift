@@ -6,6 +6,7 @@ import BlksnapEngine
 import BlksnapFUSE
 import BlksnapLibnbd
 import BlksnapNBD
+import BlksnapService
 import BlksnapShimServer
 import CBlksnapABI
 import FoundationEssentials
@@ -24,7 +25,17 @@ struct Blksnapd: ParsableCommand {
         discussion: """
             Serves the blksnap v1 interface without a kernel module. State lives \
             under --state-dir (default /run/blksnap). Stop it with SIGINT or \
-            SIGTERM: snapshots are destroyed, original devices keep their data.
+            SIGTERM: snapshots are destroyed, original devices keep their data. \
+            Started by systemd (blksnapd.service, Type=notify), it reports ready \
+            on $NOTIFY_SOCKET once it serves, and stopping when a signal comes.
+
+            Examples:
+              blksnapd                                   # defaults; run as root
+              blksnapd --diff-storage-minimum 262144 --log-level debug
+              blksnapd --devices fuse --mode shim        # FUSE+loop devices, preload shim
+              blksnapd --metrics 127.0.0.1:9177          # Prometheus text at /metrics
+              blksnapd --nbd-tcp 127.0.0.1:10809         # NBD exports over TCP too
+              systemctl start blksnapd                   # as installed by tools/install
             """)
 
     @Option(help: "Directory for the lock file and sockets.")
@@ -92,6 +103,13 @@ struct Blksnapd: ParsableCommand {
         """)
     var nbdGroup: String?
 
+    @Option(help: ArgumentHelp("""
+        Serve Prometheus metrics over HTTP at HOST:PORT, path /metrics (off by default). \
+        HOST is a numeric address: 127.0.0.1 or [::1] for this machine only; 0.0.0.0 \
+        or [::] only if you mean every interface.
+        """, valueName: "host:port"))
+    var metrics: String?
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
@@ -113,6 +131,9 @@ struct Blksnapd: ParsableCommand {
         guard nbdRequestTimeout >= 1, nbdDeadTimeout >= 1 else { throw ValidationError("NBD timeouts are at least 1 second") }
         guard diffStorageMinimum >= 16 else { throw ValidationError("--diff-storage-minimum is too small") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown log level \(logLevel)") }
+        if let metrics {
+            do { _ = try ListenAddress(parsing: metrics) } catch { throw ValidationError("--metrics \(error)") }
+        }
     }
 
     func run() throws {
@@ -200,11 +221,12 @@ struct Blksnapd: ParsableCommand {
 
         let control = Control(engine: engine)
         let server = ControlServer(path: stateDir + "/control.sock", control: control, logger: logger)
-        server.status = { [weak engine] in
+        let status: @Sendable () -> EngineStatus = { [weak engine] in
             var status = engine?.status() ?? EngineStatus(devices: [], trackers: [], snapshots: [])
             status.exports = exports.all
             return status
         }
+        server.status = status
         let requestLogger = logger
         server.deviceRequests = { type, payload in DeviceRequests.answer(type, payload, dataPlane, logger: requestLogger) }
         try server.start()
@@ -223,14 +245,31 @@ struct Blksnapd: ParsableCommand {
                 logger.warning("blksnapd: no CUSE device (\(error)); tools reach blksnapd through the preload shim")
             }
         } else {
-            logger.info("blksnapd: no /dev/cuse; run tools with `blksnapctl exec -- TOOL` (the preload shim)")
+            logger.info("blksnapd: no /dev/cuse; run tools with `\(Companion.command("blksnapctl")) exec -- TOOL` (the preload shim)")
         }
         defer { cuse?.stop() }
+
+        let metricsServer = try metrics.map { text in
+            let responder = HTTPResponder(handler: MetricsExporter(engine: engine, status: status).handler)
+            let address = try ListenAddress(parsing: text)
+            let port = try responder.start(address)
+            logger.info("blksnapd: metrics at http://\(ListenAddress(family: address.family, host: address.host, port: port))/metrics")
+            return responder
+        }
+        defer { metricsServer?.stop() }
         logger.info("blksnapd: engine ready (diff-storage-minimum \(settings.diffStorageMinimum) sectors, state in \(stateDir))")
+        // Only now may systemd start what is ordered after us (fstab's mounts).
+        let notify = SystemdNotify()
+        do { try notify.ready(status: "serving \(engine.routedDevices.count) routed device(s)") } catch {
+            logger.warning("blksnapd: \(error)")
+        }
 
         var received: Int32 = 0
         sigwait(&signals, &received)
         logger.info("blksnapd: signal \(received), shutting down")
+        do { try notify.stopping(status: "destroying snapshots, stopping devices") } catch {
+            logger.warning("blksnapd: \(error)")
+        }
         cuse?.stop()
         cuse = nil
         engine.destroyAll()
