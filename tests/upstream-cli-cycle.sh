@@ -39,16 +39,17 @@ write_random() {  # write_random OFFSET LENGTH (bytes, multiples of 4096)
     dd if=/dev/urandom of="$orig" bs=$bs seek=$(($1 / bs)) count=$(($2 / bs)) \
         oflag=direct conv=notrunc status=none
 }
-# wait_or_kill PID SECONDS: the exit status of a background command, or
-# "killed" when it has not ended by then (it is then stopped with SIGTERM).
+# wait_or_kill PID SECONDS: sets $waited to the exit status of a background
+# command, or to "killed" when it has not ended by then (it is then stopped
+# with SIGTERM). Not in a $(...): only this shell can wait for its child.
 wait_or_kill() {
-    local deadline=$((SECONDS + $2)) status=0
+    local deadline=$((SECONDS + $2))
     while kill -0 "$1" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
     if kill -0 "$1" 2>/dev/null; then
-        kill -TERM "$1"; wait "$1" 2>/dev/null; echo killed; return
+        kill -TERM "$1"; wait "$1" 2>/dev/null || true; waited=killed; return
     fi
-    wait "$1" || status=$?
-    echo "$status"
+    waited=0
+    wait "$1" || waited=$?
 }
 image_of() {  # image_of ID: the image node snapshot_collect names
     local id
@@ -199,8 +200,8 @@ check "the second snapshot is not corrupted" test "$(snapshot_field "$id2" corru
 check "the second image reads as the original did at its TAKE (md5)" \
     test "$(device_md5 "$(image_of "$id2")")" = "$at_take2"
 cli snapshot_destroy --id "$id2"
-stretch_status=$(wait_or_kill "$stretch_pid" 30)
-check "stretch_snapshot exits 0 once its snapshot is gone (got '$stretch_status')" test "$stretch_status" = 0
+wait_or_kill "$stretch_pid" 30
+check "stretch_snapshot exits 0 once its snapshot is gone (got '$waited')" test "$waited" = 0
 check "stretch_snapshot says the snapshot no longer exists, then finishes" \
     test "$(tail -n 2 "$scratch/stretch.out" | tr '\n' ' ')" = "The snapshot no longer exists. Stretch snapshot service finished. "
 
@@ -218,8 +219,8 @@ cli snapshot_take --id "$id3"
 image3=$(image_of "$id3")
 head -c $((2 * diff_storage_minimum * 512)) /dev/urandom >"$scratch/overflow"
 dd if="$scratch/overflow" of="$orig" bs=1M seek=32 oflag=direct conv=notrunc status=none
-limited_status=$(wait_or_kill "$limited_pid" 30)
-check "stretch_snapshot --limit exits 0 after the corruption (got '$limited_status')" test "$limited_status" = 0
+wait_or_kill "$limited_pid" 30
+check "stretch_snapshot --limit exits 0 after the corruption (got '$waited')" test "$waited" = 0
 check "stretch_snapshot --limit refused the second request: the limit" \
     grep -qx "The diff storage limit has been achieved." "$scratch/limited.err"
 check "stretch_snapshot --limit reports the corruption of $orig_id with ENOSPC" \
