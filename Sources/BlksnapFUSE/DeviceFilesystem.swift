@@ -140,9 +140,12 @@ public final class DeviceFilesystem: @unchecked Sendable {
     /// Sending a write again is safe: blksnapd acknowledges a write only
     /// after the engine passed it on to the backing store, so one that
     /// comes again either never reached the store or writes the same bytes
-    /// at the same place once more. Copy-on-write cannot run twice for it
-    /// either: snapshots live in the engine's memory and died with the
-    /// previous blksnapd, so the new engine has none to copy into.
+    /// at the same place once more; and nothing that had to follow it was
+    /// sent before it completed (the block layer orders writes only by
+    /// their completion), so it overwrites nothing newer. Copy-on-write
+    /// cannot run twice for it either: snapshots live in the engine's
+    /// memory and died with the previous blksnapd, so the new engine has
+    /// none to copy into.
     public func adopt(_ kept: KeptConnection) throws(BlksnapError) {
         guard let initial = FuseInit(name: kept.name) else {
             throw BlksnapError(.invalidArgument, "a kept FUSE connection named \(kept.name) is not the device filesystem's")

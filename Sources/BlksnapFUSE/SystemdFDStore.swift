@@ -25,6 +25,7 @@ final class SystemdFDStore: ConnectionStore, @unchecked Sendable {
         notifySocket = socket
         self.logger = logger
         passed = Self.listenFds(environment)
+        for kept in passed { _ = fcntl(kept.fd, F_SETFD, FD_CLOEXEC) }
         for name in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] { unsetenv(name) }
     }
 
@@ -42,16 +43,15 @@ final class SystemdFDStore: ConnectionStore, @unchecked Sendable {
               let count = environment["LISTEN_FDS"].flatMap({ Int32($0) }), (1...1024).contains(count) else { return [] }
         let names = (environment["LISTEN_FDNAMES"] ?? "").split(separator: ":", omittingEmptySubsequences: false).map(String.init)
         return (0..<count).map { i in
-            let fd = 3 + i
-            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-            return KeptConnection(name: Int(i) < names.count ? names[Int(i)] : "unknown", fd: fd)
+            KeptConnection(name: Int(i) < names.count ? names[Int(i)] : "unknown", fd: 3 + i)
         }
     }
 
     func take() -> [KeptConnection] {
         lock.withLock {
+            // Descriptors of other names (the unit's sockets) are not ours to take.
             defer { passed = [] }
-            return passed
+            return passed.filter { $0.name.hasPrefix(FuseInit.prefix) }
         }
     }
 
