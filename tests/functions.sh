@@ -45,6 +45,8 @@ start_blksnapd() {
     export BLKSNAP_CONTROL_SOCKET=$state/control.sock
     # A socket left by a killed blksnapd must not pass for the new one's.
     rm -f "$BLKSNAP_CONTROL_SOCKET"
+    # After the stop: a device filesystem left by a blksnapd that died.
+    cleanup_fn "umount -l '$state/devices' 2>/dev/null"
     "$blksnapd" --state-dir "$state" "$@" 2>>"$scratch/blksnapd.log" &
     blksnapd_pid=$!
     cleanup_fn "stop_blksnapd $blksnapd_pid"

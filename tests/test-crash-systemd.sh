@@ -60,7 +60,12 @@ for _ in $(seq 100); do [ -S "$BLKSNAP_CONTROL_SOCKET" ] && break; sleep 0.1; do
 check "the manager started blksnapd again" test "$(current_pid)" != "$killed"
 check "the new blksnapd took the FUSE connection over" log_has "took over the device filesystem"
 check "the new blksnapd serves $dev again" log_has "$dev .* routes .* again"
-check "the writer carries on: 10 more files acknowledged" wait_for_acked $((at_kill + 10)) 120
+carried=yes
+wait_for_acked $((at_kill + 10)) 120 || carried=no
+check "the writer carries on: 10 more files acknowledged" test $carried = yes
+# Requests nobody answers wait for ever: the manager's end (it closes its
+# store) and blksnapd's end the connection, so they fail.
+[ $carried = yes ] || { kill -KILL "${manager_pid:-0}" "$(current_pid)"; }
 stop_writer
 echo "# longest pause between two acknowledged files: $(longest_pause) s"
 check "no write failed" test ! -s "$writer_failed"

@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <spawn.h>
 #include <string.h>
 #include <unistd.h>
@@ -87,13 +88,18 @@ int blksnap_spawn_detached(const char *path, char *const argv[], int fd3, pid_t 
 {
 	posix_spawn_file_actions_t actions;
 	posix_spawnattr_t attr;
+	sigset_t none;
 	int err;
 
 	posix_spawn_file_actions_init(&actions);
 	posix_spawnattr_init(&attr);
 	/* Its own session: a kill of blksnapd's process group or session
-	 * (a terminal's ^C, a shell's job control) does not reach it. */
-	posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID);
+	 * (a terminal's ^C, a shell's job control) does not reach it. And
+	 * no signal blocked: blksnapd blocks SIGINT and SIGTERM to take them
+	 * with sigwait, the keeper ends on them as any process does. */
+	sigemptyset(&none);
+	posix_spawnattr_setsigmask(&attr, &none);
+	posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK);
 	posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDWR, 0);
 	if (fd3 >= 0)
 		posix_spawn_file_actions_adddup2(&actions, fd3, 3);
