@@ -152,7 +152,7 @@ public final class DeviceFilesystem: @unchecked Sendable {
         }
         let sent = FuseInit.resendNotification.withUnsafeBytes { Glibc.write(kept.fd, $0.baseAddress, $0.count) }
         guard sent == FuseInit.resendNotification.count else {
-            throw BlksnapError(.notSupported, "this kernel cannot send requests again (FUSE_NOTIFY_RESEND, Linux 6.9): \(String(cString: strerror(errno)))")
+            throw BlksnapError(.notSupported, "this kernel cannot send requests again (FUSE_NOTIFY_RESEND, Linux 6.9; it answered \(String(cString: strerror(errno))))")
         }
         mkdir(mountpoint, 0o700)
         let se = try newSession()
