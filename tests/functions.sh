@@ -40,7 +40,11 @@ cleanup_fn "rm -rf '$scratch'"
 # $blksnapd_pid. Called again after a kill, it starts one on the same state.
 start_blksnapd() {
     [ -x "$blksnapd" ] && [ -x "$blksnapctl" ] || { echo "$0: build first (swift build); missing $blksnapd" >&2; exit 1; }
-    "$top/tools/build-preload" >/dev/null
+    # Built once: a restart after a kill should not wait for a compiler.
+    local preload=$top/.build/preload/libblksnap-preload.so
+    if [ ! -e "$preload" ] || [ -n "$(find "$top/preload" "$top/Sources/CBlksnapABI" "$top/include" -newer "$preload" -type f 2>/dev/null | head -1)" ]; then
+        "$top/tools/build-preload" >/dev/null
+    fi
     local state=$scratch/state
     export BLKSNAP_CONTROL_SOCKET=$state/control.sock
     # A socket left by a killed blksnapd must not pass for the new one's.

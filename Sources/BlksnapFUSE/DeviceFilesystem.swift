@@ -42,6 +42,7 @@ public final class DeviceFilesystem: @unchecked Sendable {
     private var adopted = false
     /// What the kernel said in FUSE_INIT, for a blksnapd after this one.
     private var kernelInit: FuseInit?
+    private var initialized = Condition()
 
     /// The largest request the kernel may send: large enough that a 1 MiB
     /// write from the loop device is one request.
@@ -123,6 +124,16 @@ public final class DeviceFilesystem: @unchecked Sendable {
         }
     }
 
+    /// `connection`, waiting up to `seconds` for the kernel's FUSE_INIT
+    /// (sent at mount, answered by a serving thread).
+    public func connection(waitingUpTo seconds: UInt64) -> (fd: Int32, name: String)? {
+        let deadline = monotonicNanoseconds() + seconds * 1_000_000_000
+        lock.withLock {
+            while kernelInit == nil && initialized.wait(lock, untilMonotonic: deadline) {}
+        }
+        return connection
+    }
+
     /// Whether a kept connection is still alive: /dev/fuse reports POLLERR
     /// once its connection is aborted.
     public static func isAlive(_ fd: Int32) -> Bool {
@@ -154,7 +165,8 @@ public final class DeviceFilesystem: @unchecked Sendable {
         guard sent == FuseInit.resendNotification.count else {
             throw BlksnapError(.notSupported, "this kernel cannot send requests again (FUSE_NOTIFY_RESEND, Linux 6.9; it answered \(String(cString: strerror(errno))))")
         }
-        mkdir(mountpoint, 0o700)
+        // Nothing may touch the mount before the session serves: the kernel
+        // would send this very process a request it is not reading yet.
         let se = try newSession()
         guard fuse_session_mount(se, "/dev/fd/\(kept.fd)") == 0 else {
             fuse_session_destroy(se)
@@ -218,7 +230,10 @@ public final class DeviceFilesystem: @unchecked Sendable {
             let fs = Unmanaged<DeviceFilesystem>.fromOpaque(userdata).takeUnretainedValue()
             let said = FuseInit(major: conn.pointee.proto_major, minor: conn.pointee.proto_minor,
                                 maxReadahead: conn.pointee.max_readahead)
-            fs.lock.withLock { fs.kernelInit = said }
+            fs.lock.withLock {
+                fs.kernelInit = said
+                fs.initialized.broadcast()
+            }
             conn.pointee.max_write = DeviceFilesystem.maxRequest
             conn.pointee.max_readahead = DeviceFilesystem.maxRequest
         }

@@ -63,13 +63,7 @@ public final class FuseLoopDevices: DeviceMaker, @unchecked Sendable {
     /// Gives the store a duplicate of the connection once the kernel's
     /// FUSE_INIT is answered (its name says what the kernel said there).
     private func keepConnection() {
-        var connection = filesystem.connection
-        let deadline = monotonicNanoseconds() + 5_000_000_000
-        while connection == nil && monotonicNanoseconds() < deadline {
-            usleep(1_000)   // the kernel sends FUSE_INIT at mount; a serving thread answers it
-            connection = filesystem.connection
-        }
-        guard let connection else {
+        guard let connection = filesystem.connection(waitingUpTo: 5) else {
             logger.warning("blksnapd: the kernel never sent FUSE_INIT; a crash of blksnapd will fail its devices")
             return
         }
