@@ -45,7 +45,14 @@ let package = Package(
         .target(name: "BlksnapCUSE", dependencies: ["BlksnapEngine", "CBlksnapABI", "CFuse3"]),
         .target(name: "BlksnapLibnbd", dependencies: ["BlksnapEngine", "CLibnbd"]),
         .target(name: "BlksnapDevices", dependencies: ["BlksnapEngine", "CBlksnapLinux"]),
-        .target(name: "BlksnapFUSE", dependencies: ["BlksnapEngine", "BlksnapDevices", "CFuse3", "CBlksnapLinux"]),
+        .target(
+            name: "BlksnapFUSE",
+            dependencies: [
+                "BlksnapEngine", "BlksnapDevices", "CFuse3", "CBlksnapLinux",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
         .target(name: "BlksnapShimServer", dependencies: ["BlksnapEngine", "CBlksnapABI", "CBlksnapLinux"]),
         .target(
             name: "BlksnapNBD",
@@ -148,6 +155,7 @@ let package = Package(
             dependencies: ["BlksnapDevices", "BlksnapEngine", "BlksnapABI", .product(name: "Logging", package: "swift-log")]
         ),
         .testTarget(name: "BlksnapBackupTests", dependencies: ["BlksnapBackup"]),
+        .testTarget(name: "BlksnapFUSETests", dependencies: ["BlksnapFUSE", .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "BlksnapNBDTests", dependencies: ["BlksnapNBD", "BlksnapEngine", "BlksnapABI"]),
         .testTarget(name: "BlksnapServiceTests", dependencies: ["BlksnapService", "BlksnapEngine", "BlksnapABI"]),
         .testTarget(name: "BlksnapShimServerTests", dependencies: ["BlksnapShimServer", "BlksnapEngine", "BlksnapABI", "CBlksnapABI"]),

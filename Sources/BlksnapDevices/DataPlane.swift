@@ -66,6 +66,7 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
         try maker.start()
         logger.info("blksnapd: routed devices and images are \(maker.kind) devices")
         if !saved.isEmpty { recover(saved, engine: engine) }
+        maker.resume()
     }
 
     /// Removes every device it made; live-routed dm devices get their own

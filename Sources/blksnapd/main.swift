@@ -113,6 +113,11 @@ struct Blksnapd: ParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
+    /// The keeper of the FUSE connections (FuseConnectionKeeper), which
+    /// blksnapd starts itself; not for people.
+    @Flag(name: .customLong(String(FuseConnectionKeeper.option.dropFirst(2))), help: .hidden)
+    var keepFuseConnections = false
+
     var settings: EngineSettings {
         var s = EngineSettings()
         s.diffStorageMinimum = diffStorageMinimum
@@ -144,6 +149,7 @@ struct Blksnapd: ParsableCommand {
         }
         var logger = Logger(label: "blksnapd")
         logger.logLevel = Logger.Level(rawValue: logLevel)!
+        if keepFuseConnections { FuseConnectionKeeper.serve(listening: 3, logger: logger) }
 
         let state = try StateDirectory(path: stateDir)
         defer { state.release() }
