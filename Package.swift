@@ -94,6 +94,7 @@ let package = Package(
         .executableTarget(
             name: "blksnapctl",
             dependencies: [
+                "BlksnapABI",
                 "CBlksnapABI",
                 "BlksnapEngine",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -114,6 +115,7 @@ let package = Package(
         .executableTarget(
             name: "blksnap-backup",
             dependencies: [
+                "BlksnapABI",
                 "BlksnapBackup",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]

@@ -1,4 +1,5 @@
 import ArgumentParser
+import BlksnapABI
 import BlksnapBackup
 #if canImport(Glibc)
 import Glibc
@@ -35,29 +36,17 @@ struct BackupOptions: ParsableArguments {
     var storage: String = "/var/lib/blksnap/diff-storage"
 
     @Option(help: "Most difference storage to allocate, in bytes or with K, M, G, T.")
-    var storageLimit: Size?
+    var storageLimit: ByteCount?
 
     @Option(help: "Copy threads per device.")
     var workers: Int = 4
 
     @Option(help: "Read at most this many bytes per second (K, M, G suffixes), to spare the disk.")
-    var maxRate: Size?
+    var maxRate: ByteCount?
 }
 
-/// A size as people write it: 1048576, 512M, 10G.
-struct Size: ExpressibleByArgument {
-    var bytes: UInt64
-    init?(argument: String) {
-        let shifts: [Character: UInt64] = ["K": 10, "M": 20, "G": 30, "T": 40]
-        var digits = Substring(argument)
-        var shift: UInt64 = 0
-        if let last = digits.last?.uppercased().first, let s = shifts[last] {
-            shift = s
-            digits = digits.dropLast()
-        }
-        guard let n = UInt64(digits), n <= UInt64.max >> shift else { return nil }
-        bytes = n << shift
-    }
+extension ByteCount: ExpressibleByArgument {
+    public init?(argument: String) { self.init(argument) }
 }
 
 /// Prints a failure the way the tool's users read it and exits: 130 after

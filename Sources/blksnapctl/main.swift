@@ -1,4 +1,5 @@
 import ArgumentParser
+import BlksnapABI
 import BlksnapEngine
 import CBlksnapABI
 import FoundationEssentials
@@ -323,19 +324,6 @@ extension String {
     }
 }
 
-/// A size as people write it: 1048576, 512M, 10G.
-struct ByteCount: ExpressibleByArgument {
-    var bytes: UInt64
-
-    init?(argument: String) {
-        let shifts: [Character: UInt64] = ["K": 10, "M": 20, "G": 30, "T": 40]
-        var digits = Substring(argument)
-        var shift: UInt64 = 0
-        if let last = digits.last?.uppercased().first, let s = shifts[last] {
-            shift = s
-            digits = digits.dropLast()
-        }
-        guard let n = UInt64(digits), n <= UInt64.max >> shift else { return nil }
-        bytes = n << shift
-    }
+extension ByteCount: ExpressibleByArgument {
+    public init?(argument: String) { self.init(argument) }
 }

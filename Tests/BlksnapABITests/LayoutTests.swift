@@ -178,3 +178,17 @@ private func offset<T>(_ path: PartialKeyPath<T>) -> Int? { MemoryLayout<T>.offs
         }
     }
 }
+
+@Suite struct ByteCountTests {
+    @Test func sizesParseAsPeopleWriteThem() {
+        #expect(ByteCount("1048576")?.bytes == 1 << 20)
+        #expect(ByteCount("512M")?.bytes == 512 << 20)
+        #expect(ByteCount("10g")?.bytes == 10 << 30)
+        #expect(ByteCount("16777215T")?.bytes == 16_777_215 << 40)
+    }
+
+    @Test(arguments: ["", "M", "10X", "-1", "1.5G", "16777216T", "18446744073709551616"])
+    func otherTextIsNil(text: String) {
+        #expect(ByteCount(text) == nil)
+    }
+}
