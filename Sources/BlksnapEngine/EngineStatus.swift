@@ -8,6 +8,11 @@ public struct EngineStatus: Codable, Sendable, Equatable {
         public var sizeBytes: UInt64
         public var backing: String
         public var tracked: Bool
+        /// How its CBT began: restored, restored after a crash, new (why), none saved.
+        public var cbt: String? = nil
+        /// Filled in by blksnapd: the node, and the name given with attach --name.
+        public var node: String? = nil
+        public var name: String? = nil
     }
     public struct TrackerInfo: Codable, Sendable, Equatable {
         public var devId: String
@@ -23,6 +28,8 @@ public struct EngineStatus: Codable, Sendable, Equatable {
         public var imageDevId: String
         public var storedChunks: Int
         public var corrupted: Bool
+        /// Filled in by blksnapd: /dev/blksnap-image<minor> (not always image0).
+        public var node: String? = nil
     }
     public struct SnapshotInfo: Codable, Sendable, Equatable {
         public var id: String
@@ -43,10 +50,29 @@ public struct EngineStatus: Codable, Sendable, Equatable {
             (self.name, self.devId, self.uri) = (name, devId, uri)
         }
     }
+    /// A device declared in blksnapd's configuration, as routed at start.
+    public struct DeclaredInfo: Codable, Sendable, Equatable {
+        public var name: String
+        public var backing: String
+        /// routed, missing, refused, detached.
+        public var state: String
+        public var why: String?
+        public var devId: String?
+        public var node: String?
+        public var link: String?
+        /// How its CBT began (as `Device.cbt`).
+        public var cbt: String?
+        public init(name: String, backing: String, state: String, why: String? = nil, devId: String? = nil,
+                    node: String? = nil, link: String? = nil, cbt: String? = nil) {
+            (self.name, self.backing, self.state, self.why) = (name, backing, state, why)
+            (self.devId, self.node, self.link, self.cbt) = (devId, node, link, cbt)
+        }
+    }
     public var devices: [Device]
     public var trackers: [TrackerInfo]
     public var snapshots: [SnapshotInfo]
     public var exports: [ExportInfo] = []
+    public var declared: [DeclaredInfo]? = nil
 
     public init(devices: [Device], trackers: [TrackerInfo], snapshots: [SnapshotInfo], exports: [ExportInfo] = []) {
         (self.devices, self.trackers, self.snapshots, self.exports) = (devices, trackers, snapshots, exports)
@@ -82,7 +108,8 @@ extension Engine {
             let deviceInfos = devices.values.sorted { $0.devId < $1.devId }.map { d in
                 EngineStatus.Device(devId: d.devId.description, sizeBytes: d.size,
                                     backing: (d.backing as? Describable)?.displayName ?? "\(type(of: d.backing))",
-                                    tracked: trackers[d.devId] != nil)
+                                    tracked: trackers[d.devId] != nil,
+                                    cbt: d.store == nil ? nil : d.cbtOutcome.description)
             }
             return EngineStatus(devices: deviceInfos, trackers: trackerInfos, snapshots: snapshotInfos)
         }

@@ -18,10 +18,10 @@ public final class Tracker: @unchecked Sendable {
     weak var snapshot: Snapshot?
     var snapshotIsTaken = false
 
-    init(device: RoutedDevice, settings: EngineSettings) {
+    init(device: RoutedDevice, settings: EngineSettings, restoring map: CbtMap? = nil) {
         self.devId = device.devId
         self.device = device
-        self.cbtMap = CbtMap(capacity: device.size, settings: settings)
+        self.cbtMap = map ?? CbtMap(capacity: device.size, settings: settings)
     }
 
     /// Before a write (or discard) to the original lands: CBT first, then the
