@@ -45,7 +45,9 @@ start_blksnapd() {
     export BLKSNAP_CONTROL_SOCKET=$state/control.sock
     # A socket left by a killed blksnapd must not pass for the new one's.
     rm -f "$BLKSNAP_CONTROL_SOCKET"
-    "$blksnapd" --state-dir "$state" "$@" 2>>"$scratch/blksnapd.log" &
+    # Declarations and saved CBT maps in the scratch directory too, never
+    # the machine's /etc/blksnap and /var/lib/blksnap.
+    "$blksnapd" --state-dir "$state" --config-dir "$scratch/etc" --cbt-dir "$scratch/cbt" "$@" 2>>"$scratch/blksnapd.log" &
     blksnapd_pid=$!
     cleanup_fn "stop_blksnapd $blksnapd_pid"
     for _ in $(seq 100); do [ -S "$BLKSNAP_CONTROL_SOCKET" ] && return 0; sleep 0.1; done
