@@ -434,7 +434,9 @@ extension DataPlane {
                 do throws(BlksnapError) {
                     try maker.reclaim(d.made, as: device, backend: d.backend)
                 } catch {
-                    try? engine.unroute(d.made.devId)
+                    // Never served a write: its CBT stays as restored, so a
+                    // new attach still knows it follows a crash.
+                    try? engine.unroute(d.made.devId, saveCbt: false)
                     throw error
                 }
                 added(d.made, device: device, label: label, backend: d.backend, name: d.declaredName, live: d.live)

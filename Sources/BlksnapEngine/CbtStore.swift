@@ -66,7 +66,7 @@ public final class CbtStore: @unchecked Sendable {
             switch self {
             case .none: "none saved"
             case .restored: "restored"
-            case .restoredAfterCrash(let n): "restored after a crash (\(n) regions counted as written)"
+            case .restoredAfterCrash(let n): "restored after a crash" + (n > 0 ? " (\(n) regions counted as written)" : "")
             case .startedAnew(let why): "new generation: \(why)"
             }
         }

@@ -93,8 +93,9 @@ public final class Engine: @unchecked Sendable {
     }
 
     /// Stops routing a device: refused while a snapshot names it. Its
-    /// tracker goes with it.
-    public func unroute(_ devId: DevId) throws(BlksnapError) {
+    /// tracker goes with it, its CBT map saved (`saveCbt: false` leaves
+    /// the saved state as it is: a device that never served a write).
+    public func unroute(_ devId: DevId, saveCbt save: Bool = true) throws(BlksnapError) {
         try lock.withLock { () throws(BlksnapError) in
             guard let device = devices[devId] else {
                 throw BlksnapError(.noSuchAddressOrDevice, "device \(devId) is not routed")
@@ -107,7 +108,7 @@ public final class Engine: @unchecked Sendable {
             devices[devId] = nil
             try device.flush()
             // No write reaches the map any more: the state saved now is exact.
-            if let tracker { saveCbt(tracker, clean: true) }
+            if let tracker, save { saveCbt(tracker, clean: true) }
             logger.info("blksnap: device \(devId) is no longer routed")
         }
     }
