@@ -52,7 +52,7 @@ struct Blksnapd: ParsableCommand {
     @Option(help: "Directory of the declared-device files (*.conf).")
     var configDir = "/etc/blksnap"
 
-    @Option(help: "Directory where CBT maps and write-intent records are kept across restarts.")
+    @Option(help: "Directory where CBT maps and write-intent records are kept across restarts ('none': not kept, as with the module).")
     var cbtDir = "/var/lib/blksnap"
 
     @Option(help: "Seconds between saves of every CBT map; a crash marks as written at most the regions written since the last one.")
@@ -208,7 +208,7 @@ struct Blksnapd: ParsableCommand {
         // finds and serves again (kernel NBD) or undoes.
         let dataPlane = DataPlane(maker: maker, logger: logger, listPath: stateDir + "/devices.json",
                                   openURI: { uri throws(BlksnapError) in try NbdBlockDevice(uri: uri) },
-                                  cbtDirectory: cbtDir, cbtSyncIntervalSeconds: Int64(cbtSaveInterval), devDirectory: "/dev")
+                                  cbtDirectory: cbtDir == "none" ? nil : cbtDir, cbtSyncIntervalSeconds: Int64(cbtSaveInterval), devDirectory: "/dev")
         let engine = Engine(settings: settings, hooks: dataPlane, logger: logger, logFile: logFile)
         let exports = ExportList()
         let exportLogger = logger
