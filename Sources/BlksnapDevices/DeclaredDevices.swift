@@ -60,8 +60,7 @@ public struct DeclaredDevices: Equatable, Sendable {
     public static func load(directory: String) throws(BlksnapError) -> DeclaredDevices {
         var all = DeclaredDevices()
         for file in try configFiles(directory) {
-            let text = String(decoding: try DurableFile.read(file, atMost: 1 << 20), as: UTF8.self)
-            for d in try parse(text, file: file) {
+            for d in try parse(try readConfig(file), file: file) {
                 if let other = all.devices.first(where: { $0.name == d.name }) {
                     throw BlksnapError(.invalidArgument, "\(file):\(d.line): the name \(d.name) is declared already at \(other.file):\(other.line)")
                 }
@@ -69,6 +68,13 @@ public struct DeclaredDevices: Equatable, Sendable {
             }
         }
         return all
+    }
+
+    /// A configuration file, refused past 1 MiB rather than read in part.
+    static func readConfig(_ file: String) throws(BlksnapError) -> String {
+        let bytes = try DurableFile.read(file, atMost: (1 << 20) + 1)
+        guard bytes.count <= 1 << 20 else { throw BlksnapError(.fileTooLarge, "\(file) is larger than 1 MiB; it is not a declaration file") }
+        return String(decoding: bytes, as: UTF8.self)
     }
 
     static func configFiles(_ directory: String) throws(BlksnapError) -> [String] {
@@ -142,7 +148,7 @@ public struct DeclaredDevices: Equatable, Sendable {
         }
         mkdir(directory, 0o755)
         let path = directory + "/" + fileName
-        var text = (try? DurableFile.read(path, atMost: 1 << 20)).map { String(decoding: $0, as: UTF8.self) } ?? ""
+        var text = (try? readConfig(path)) ?? ""
         if text.isEmpty { text = "# blksnap-swift declared devices: NAME BACKING [size=BYTES]; see blksnapd --help\n" }
         if !text.hasSuffix("\n") { text += "\n" }
         text += "\(device.name) \(device.backing)" + (device.sizeBytes.map { " size=\($0)" } ?? "") + "\n"
@@ -154,7 +160,7 @@ public struct DeclaredDevices: Equatable, Sendable {
     @discardableResult
     public static func forget(_ name: String, in directory: String) throws(BlksnapError) -> Bool {
         for file in try configFiles(directory) {
-            let text = String(decoding: try DurableFile.read(file, atMost: 1 << 20), as: UTF8.self)
+            let text = try readConfig(file)
             let lines = text.split(separator: "\n", omittingEmptySubsequences: false)
             let kept = lines.filter { line in
                 line.split(whereSeparator: { $0 == " " || $0 == "\t" }).first.map(String.init) != name

@@ -179,8 +179,10 @@ public final class CbtStore: @unchecked Sendable {
         } else {
             // blksnapd itself wrote the file until it died, at most one sync
             // interval after its last save.
-            let latest = savedAtNs + intervalNs + 5_000_000_000
-            guard now.mtimeNs <= latest else {
+            // Saturating: the numbers come from a file.
+            let (sum, o1) = savedAtNs.addingReportingOverflow(max(intervalNs, 0))
+            let (latest, o2) = sum.addingReportingOverflow(5_000_000_000)
+            guard !o1, !o2, now.mtimeNs <= latest else {
                 return "was saved before blksnapd died, and \(now.label) was modified after blksnapd could have written it"
             }
         }
