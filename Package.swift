@@ -15,6 +15,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // The single copy of <blksnap/blk_snap.h> lives in include/ at the top;
@@ -44,7 +45,14 @@ let package = Package(
         .target(name: "BlksnapCUSE", dependencies: ["BlksnapEngine", "CBlksnapABI", "CFuse3"]),
         .target(name: "BlksnapLibnbd", dependencies: ["BlksnapEngine", "CLibnbd"]),
         .target(name: "BlksnapDevices", dependencies: ["BlksnapEngine", "CBlksnapLinux"]),
-        .target(name: "BlksnapFUSE", dependencies: ["BlksnapEngine", "BlksnapDevices", "CFuse3", "CBlksnapLinux"]),
+        .target(
+            name: "BlksnapFUSE",
+            dependencies: [
+                "BlksnapEngine", "BlksnapDevices", "CFuse3", "CBlksnapLinux",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
         .target(name: "BlksnapShimServer", dependencies: ["BlksnapEngine", "CBlksnapABI", "CBlksnapLinux"]),
         .target(
             name: "BlksnapNBD",
@@ -57,6 +65,16 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
+        // What an operator's service needs: readiness for systemd, metrics.
+        .target(
+            name: "BlksnapService",
+            dependencies: [
+                "BlksnapEngine",
+                "CBlksnapLinux",
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
         .executableTarget(
             name: "blksnapd",
             dependencies: [
@@ -66,6 +84,7 @@ let package = Package(
                 "BlksnapFUSE",
                 "BlksnapLibnbd",
                 "BlksnapNBD",
+                "BlksnapService",
                 "BlksnapShimServer",
                 "CBlksnapABI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -136,7 +155,9 @@ let package = Package(
             dependencies: ["BlksnapDevices", "BlksnapEngine", "BlksnapABI", .product(name: "Logging", package: "swift-log")]
         ),
         .testTarget(name: "BlksnapBackupTests", dependencies: ["BlksnapBackup"]),
+        .testTarget(name: "BlksnapFUSETests", dependencies: ["BlksnapFUSE", .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "BlksnapNBDTests", dependencies: ["BlksnapNBD", "BlksnapEngine", "BlksnapABI"]),
+        .testTarget(name: "BlksnapServiceTests", dependencies: ["BlksnapService", "BlksnapEngine", "BlksnapABI"]),
         .testTarget(name: "BlksnapShimServerTests", dependencies: ["BlksnapShimServer", "BlksnapEngine", "BlksnapABI", "CBlksnapABI"]),
     ]
 )

@@ -40,11 +40,17 @@ cleanup_fn "rm -rf '$scratch'"
 # $blksnapd_pid. Called again after a kill, it starts one on the same state.
 start_blksnapd() {
     [ -x "$blksnapd" ] && [ -x "$blksnapctl" ] || { echo "$0: build first (swift build); missing $blksnapd" >&2; exit 1; }
-    "$top/tools/build-preload" >/dev/null
+    # Built once: a restart after a kill should not wait for a compiler.
+    local preload=$top/.build/preload/libblksnap-preload.so
+    if [ ! -e "$preload" ] || [ -n "$(find "$top/preload" "$top/Sources/CBlksnapABI" "$top/include" -newer "$preload" -type f 2>/dev/null | head -1)" ]; then
+        "$top/tools/build-preload" >/dev/null
+    fi
     local state=$scratch/state
     export BLKSNAP_CONTROL_SOCKET=$state/control.sock
     # A socket left by a killed blksnapd must not pass for the new one's.
     rm -f "$BLKSNAP_CONTROL_SOCKET"
+    # After the stop: a device filesystem left by a blksnapd that died.
+    cleanup_fn "umount -l '$state/devices' 2>/dev/null"
     # Declarations and saved CBT maps in the scratch directory too, never
     # the machine's /etc/blksnap and /var/lib/blksnap.
     "$blksnapd" --state-dir "$state" --config-dir "$scratch/etc" --cbt-dir "$scratch/cbt" "$@" 2>>"$scratch/blksnapd.log" &
@@ -80,11 +86,14 @@ mount_at() {  # mount_at DEV DIR [OPTIONS]
 # start_writer DIR: in the background, a new 256 KiB file at a time in DIR,
 # written with fsync. A file is recorded in $writer_acked (as md5sum -c
 # reads it, with the checksum of what was written) only once its fsync
-# returned; a failed one is named in $writer_failed.
+# returned; a failed one is named in $writer_failed. The moment of each
+# acknowledgement goes to $writer_times, for longest_pause.
 writer_acked=$scratch/writer.acked.md5
 writer_failed=$scratch/writer.failed
+writer_times=$scratch/writer.times
 start_writer() {
     : >"$writer_acked"
+    : >"$writer_times"
     (
         i=0
         while [ ! -e "$scratch/writer.stop" ]; do
@@ -92,6 +101,7 @@ start_writer() {
             sum=$(md5sum <"$scratch/writer.buffer")
             if dd if="$scratch/writer.buffer" of="$1/f$i" bs=64k conv=fsync status=none 2>>"$scratch/writer.err"; then
                 echo "${sum%% *}  f$i" >>"$writer_acked"
+                echo "$EPOCHREALTIME" >>"$writer_times"
             else
                 echo "f$i" >>"$writer_failed"
                 sleep 0.2
@@ -107,6 +117,8 @@ stop_writer() {
     wait "$writer_pid" 2>/dev/null || true
 }
 acked_count() { wc -l <"$writer_acked"; }
+# The longest time between two acknowledgements, in seconds.
+longest_pause() { awk 'NR > 1 && $1 - last > most { most = $1 - last } { last = $1 } END { printf "%.3f\n", most }' "$writer_times"; }
 wait_for_acked() {  # wait_for_acked N SECONDS: until N files are acknowledged
     local deadline=$((SECONDS + $2))
     while [ "$(acked_count)" -lt "$1" ] && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
@@ -116,6 +128,22 @@ wait_for_file() {  # wait_for_file FILE SECONDS: until it has something in it
     local deadline=$((SECONDS + $2))
     while [ ! -s "$1" ] && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
     [ -s "$1" ]
+}
+wait_for_gone() {  # wait_for_gone PATH SECONDS: until PATH is no more
+    local deadline=$((SECONDS + $2))
+    while [ -e "$1" ] && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
+    [ ! -e "$1" ]
+}
+# wait_for_exit PID SECONDS: until the process is gone (or a zombie:
+# a keeper whose parent died is reaped by whoever adopted it).
+wait_for_exit() {
+    local deadline=$((SECONDS + $2))
+    while [ $SECONDS -lt $deadline ]; do
+        [ -e "/proc/$1" ] || return 0
+        [ "$(awk '{ print $3 }' "/proc/$1/stat" 2>/dev/null)" = Z ] && return 0
+        sleep 0.2
+    done
+    return 1
 }
 wait_for_grep() {  # wait_for_grep PATTERN FILE SECONDS
     local deadline=$((SECONDS + $3))

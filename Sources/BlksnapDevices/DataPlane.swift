@@ -97,6 +97,7 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
         try maker.start()
         logger.info("blksnapd: routed devices and images are \(maker.kind) devices")
         if !saved.isEmpty { recover(saved, engine: engine) }
+        maker.resume()
     }
 
     /// Removes every device it made; live-routed dm devices get their own
@@ -430,13 +431,15 @@ extension DataPlane {
                 guard backing.size == d.sizeBytes ?? backing.size else {
                     throw BlksnapError(.invalidArgument, "\(label) now holds \(backing.size) bytes, not \(d.sizeBytes ?? 0)")
                 }
-                let device = try engine.route(d.live?.devId ?? d.made.devId, backing: backing, store: store(for: label, backing: backing))
+                // A live route keeps the device-mapper device's number.
+                let routedId = d.live?.devId ?? d.made.devId
+                let device = try engine.route(routedId, backing: backing, store: store(for: label, backing: backing))
                 do throws(BlksnapError) {
                     try maker.reclaim(d.made, as: device, backend: d.backend)
                 } catch {
                     // Never served a write: its CBT stays as restored, so a
                     // new attach still knows it follows a crash.
-                    try? engine.unroute(d.made.devId, saveCbt: false)
+                    try? engine.unroute(routedId, saveCbt: false)
                     throw error
                 }
                 added(d.made, device: device, label: label, backend: d.backend, name: d.declaredName, live: d.live)

@@ -47,5 +47,12 @@ public protocol DeviceMaker: AnyObject, Sendable {
     /// again; a device that shows another backend is someone else's and
     /// stays.
     func abandon(_ made: MadeDevice, backend: String)
+    /// Called once what a blksnapd that died left is reclaimed or
+    /// abandoned: a maker that held requests back serves them now.
+    func resume()
+}
+
+extension DeviceMaker {
+    public func resume() {}
 }
 

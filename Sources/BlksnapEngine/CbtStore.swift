@@ -70,6 +70,16 @@ public final class CbtStore: @unchecked Sendable {
             case .startedAnew(let why): "new generation: \(why)"
             }
         }
+
+        /// The status and metrics name of this outcome.
+        public var origin: CbtOrigin {
+            switch self {
+            case .none: .none
+            case .restored: .restored
+            case .restoredAfterCrash: .restoredAfterCrash
+            case .startedAnew: .startedAnew
+            }
+        }
     }
 
     /// `key` names the files in `directory` (`KEY.cbt`, `KEY.intent`).

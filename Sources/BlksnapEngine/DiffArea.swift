@@ -32,6 +32,7 @@ public final class DiffArea: @unchecked Sendable {
     private let stripeMask: Int
     private let corrupted = Atomic<Bool>(false)
     private let onFailure: @Sendable (BlksnapError) -> Void
+    private let counters: DeviceCounters?
     private let poolLock = Lock()
     private var pool: [UnsafeMutableRawBufferPointer] = []
     private let poolLimit: Int
@@ -39,8 +40,9 @@ public final class DiffArea: @unchecked Sendable {
     /// `original` is the backing store beneath the engine: reads of it see
     /// exactly what has landed, and nothing here writes to it.
     init(devId: DevId, original: any BlockDevice, storage: DiffStorage, settings: EngineSettings,
-         onFailure: @escaping @Sendable (BlksnapError) -> Void) {
+         counters: DeviceCounters? = nil, onFailure: @escaping @Sendable (BlksnapError) -> Void) {
         self.devId = devId
+        self.counters = counters
         self.original = original
         self.storage = storage
         self.capacity = original.size
@@ -177,6 +179,7 @@ public final class DiffArea: @unchecked Sendable {
             throw BlksnapError(.noSpace, "difference storage is full")
         }
         try region.device.write(UnsafeRawBufferPointer(rebasing: buffer[0..<padded]), at: region.offset)
+        counters?.countChunkCopied()
         return region
     }
 

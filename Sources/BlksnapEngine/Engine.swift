@@ -21,6 +21,8 @@ public final class Engine: @unchecked Sendable {
     private var logConfig: LogConfig?
     /// Where SETLOG sends the log; the daemon logs into it too.
     public let logFile: LogFile
+    /// Events by kind, snapshots created, CBT origins: for metrics.
+    public let counters = EngineCounters()
 
     /// What SETLOG last asked for; the daemon tees its log there.
     public struct LogConfig: Sendable, Equatable {
@@ -64,6 +66,8 @@ public final class Engine: @unchecked Sendable {
                 device.cbtOutcome = outcome
                 if let map {
                     let t = Tracker(device: device, settings: settings, restoring: map)
+                    t.cbtOrigin = outcome.origin
+                    counters.countCbt(t.cbtOrigin)
                     device.tracker = t
                     trackers[devId] = t
                     trackerOrder.append(devId)
@@ -241,10 +245,13 @@ public final class Engine: @unchecked Sendable {
                 device.gate.unlock()
                 trackers[d] = t
                 trackerOrder.append(d)
+                counters.countCbt(t.cbtOrigin)
                 logger.info("blksnap-tracker: tracking device \(d), \(t.cbtMap.blockCount) blocks of \(t.cbtMap.blockSize) bytes")
                 return t
             }
-            let snapshot = Snapshot(id: UUID16.random(), trackers: list, settings: settings, logger: logger)
+            let snapshot = Snapshot(id: UUID16.random(), trackers: list, settings: settings, logger: logger,
+                                    counters: counters)
+            counters.countSnapshotCreated()
             for t in list { t.snapshot = snapshot }
             snapshots.append(snapshot)
             logger.info("blksnap-snapshot: created \(snapshot.id) with \(devIds.count) device(s)")
@@ -346,7 +353,9 @@ public final class Engine: @unchecked Sendable {
             for t in snapshot.trackers {
                 t.cbtMap.switchMaps()
                 let area = DiffArea(devId: t.devId, original: t.device.backing, storage: snapshot.storage,
-                                    settings: settings) { [weak snapshot] error in snapshot?.corrupt(error) }
+                                    settings: settings, counters: t.device.counters) { [weak snapshot] error in
+                    snapshot?.corrupt(error)
+                }
                 t.diffArea = area
                 t.snapshotIsTaken = true
                 areas.append(area)

@@ -22,6 +22,7 @@ public struct EngineStatus: Codable, Sendable, Equatable {
         public var generationId: String
         public var snapNumber: UInt8
         public var snapshot: String?
+        public var cbtOrigin: CbtOrigin = .startedAnew
     }
     public struct Image: Codable, Sendable, Equatable {
         public var originalDevId: String
@@ -50,32 +51,68 @@ public struct EngineStatus: Codable, Sendable, Equatable {
             (self.name, self.devId, self.uri) = (name, devId, uri)
         }
     }
-    /// A device declared in blksnapd's configuration, as routed at start.
-    public struct DeclaredInfo: Codable, Sendable, Equatable {
-        public var name: String
-        public var backing: String
-        /// routed, missing, refused, detached.
-        public var state: String
-        public var why: String?
-        public var devId: String?
-        public var node: String?
-        public var link: String?
-        /// How its CBT began (as `Device.cbt`).
-        public var cbt: String?
-        public init(name: String, backing: String, state: String, why: String? = nil, devId: String? = nil,
-                    node: String? = nil, link: String? = nil, cbt: String? = nil) {
-            (self.name, self.backing, self.state, self.why) = (name, backing, state, why)
-            (self.devId, self.node, self.link, self.cbt) = (devId, node, link, cbt)
-        }
-    }
     public var devices: [Device]
     public var trackers: [TrackerInfo]
     public var snapshots: [SnapshotInfo]
     public var exports: [ExportInfo] = []
-    public var declared: [DeclaredInfo]? = nil
+    /// Devices declared in blksnapd's configuration, routed or not.
+    public var declared: [DeclaredDevice] = []
 
-    public init(devices: [Device], trackers: [TrackerInfo], snapshots: [SnapshotInfo], exports: [ExportInfo] = []) {
+    public init(devices: [Device], trackers: [TrackerInfo], snapshots: [SnapshotInfo], exports: [ExportInfo] = [],
+                declared: [DeclaredDevice] = []) {
         (self.devices, self.trackers, self.snapshots, self.exports) = (devices, trackers, snapshots, exports)
+        self.declared = declared
+    }
+
+    // Fields added later decode with their defaults, so a blksnapctl reads
+    // the status of an older blksnapd.
+    private enum CodingKeys: String, CodingKey { case devices, trackers, snapshots, exports, declared }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        devices = try c.decode([Device].self, forKey: .devices)
+        trackers = try c.decode([TrackerInfo].self, forKey: .trackers)
+        snapshots = try c.decode([SnapshotInfo].self, forKey: .snapshots)
+        exports = try c.decodeIfPresent([ExportInfo].self, forKey: .exports) ?? []
+        declared = try c.decodeIfPresent([DeclaredDevice].self, forKey: .declared) ?? []
+    }
+}
+
+/// How a tracker's change tracking began, which tells a backup tool whether
+/// an incremental backup is possible: `restored` (saved at a clean stop),
+/// `restoredAfterCrash` (from the write-intent record: a superset of the
+/// blocks written), `startedAnew` (a new generation), `none` (no tracker).
+public enum CbtOrigin: String, Codable, Sendable, CaseIterable {
+    case none
+    case restored
+    case restoredAfterCrash = "restored-after-crash"
+    case startedAnew = "started-anew"
+}
+
+/// One device of blksnapd's configuration, as `blksnapctl status` shows it.
+public struct DeclaredDevice: Codable, Sendable, Equatable {
+    /// Routed; missing (its backing is not there); refused (there, but not
+    /// routed: changed size, held elsewhere, ...; `reason` says); detached
+    /// (routed at start, detached since).
+    public enum State: String, Codable, Sendable, CaseIterable {
+        case routed, missing, refused, detached
+    }
+    public var name: String
+    public var backing: String
+    public var state: State
+    /// Why it is missing or refused; nil when routed.
+    public var reason: String?
+    /// The routed device's node (/dev/loop64) and major:minor, when routed.
+    public var node: String?
+    public var devId: String?
+    /// The stable link, /dev/disk/by-blksnap/NAME, when routed.
+    public var link: String?
+    public var cbtOrigin: CbtOrigin
+
+    public init(name: String, backing: String, state: State, reason: String? = nil, node: String? = nil,
+                devId: String? = nil, link: String? = nil, cbtOrigin: CbtOrigin = .none) {
+        (self.name, self.backing, self.state, self.reason) = (name, backing, state, reason)
+        (self.node, self.devId, self.link, self.cbtOrigin) = (node, devId, link, cbtOrigin)
     }
 }
 
@@ -93,7 +130,7 @@ extension Engine {
                 let info = t.cbtMap.info(devId: devId)
                 return .init(devId: devId.description, blockSize: info.blockSize, blockCount: info.blockCount,
                              capacityBytes: info.deviceCapacity, generationId: info.generationId.description,
-                             snapNumber: info.snapNumber, snapshot: t.snapshot?.id.description)
+                             snapNumber: info.snapNumber, snapshot: t.snapshot?.id.description, cbtOrigin: t.cbtOrigin)
             }
             let snapshotInfos = snapshots.map { s in
                 EngineStatus.SnapshotInfo(

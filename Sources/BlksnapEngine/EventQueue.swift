@@ -19,10 +19,14 @@ public final class EventQueue: @unchecked Sendable {
     private var events: [SnapshotEvent] = []
     private var head = 0
     private var closed = false
+    private let counters: EngineCounters?
 
-    public init() {}
+    public init(counters: EngineCounters? = nil) {
+        self.counters = counters
+    }
 
     public func post(_ code: EventCode, data: [UInt8]) {
+        counters?.countEvent(code)
         lock.withLock {
             events.append(SnapshotEvent(code: code, timeLabel: bootNanoseconds(), data: data))
         }

@@ -22,6 +22,8 @@ public final class RoutedDevice: BlockDevice, @unchecked Sendable {
     public let store: CbtStore?
     /// How its tracking began when it was routed; guarded by the engine's lock.
     public internal(set) var cbtOutcome: CbtStore.Outcome = .none
+    /// Requests and bytes routed, chunks copied on write: for metrics.
+    public let counters = DeviceCounters()
 
     init(devId: DevId, backing: any BlockDevice, store: CbtStore? = nil) {
         self.devId = devId
@@ -40,6 +42,7 @@ public final class RoutedDevice: BlockDevice, @unchecked Sendable {
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(BlksnapError) {
         try check(offset, UInt64(buffer.count))
+        counters.countRead(buffer.count)
         try backing.read(into: buffer, at: offset)
     }
 
@@ -48,6 +51,7 @@ public final class RoutedDevice: BlockDevice, @unchecked Sendable {
         gate.lockShared()
         defer { gate.unlock() }
         tracker?.beforeWrite(offset: offset, length: UInt64(buffer.count))
+        counters.countWrite(buffer.count)
         try backing.write(buffer, at: offset)
     }
 
@@ -58,6 +62,7 @@ public final class RoutedDevice: BlockDevice, @unchecked Sendable {
         gate.lockShared()
         defer { gate.unlock() }
         tracker?.beforeWrite(offset: offset, length: length)
+        counters.countDiscard(length)
         try backing.discard(at: offset, length: length)
     }
 

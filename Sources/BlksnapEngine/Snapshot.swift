@@ -15,15 +15,16 @@ public final class Snapshot: @unchecked Sendable {
     public let devIds: [DevId]
     let trackers: [Tracker]
     let storage: DiffStorage
-    let events = EventQueue()
+    let events: EventQueue
     var isTaken = false
     var diffAreas: [DiffArea] = []
     var images: [SnapImage] = []
     private let corrupted = Atomic<Bool>(false)
     private let logger: Logger
 
-    init(id: UUID16, trackers: [Tracker], settings: EngineSettings, logger: Logger) {
+    init(id: UUID16, trackers: [Tracker], settings: EngineSettings, logger: Logger, counters: EngineCounters? = nil) {
         self.id = id
+        self.events = EventQueue(counters: counters)
         self.trackers = trackers
         self.devIds = trackers.map(\.devId)
         self.logger = logger

@@ -17,6 +17,8 @@ public final class Tracker: @unchecked Sendable {
     var diffArea: DiffArea?
     weak var snapshot: Snapshot?
     var snapshotIsTaken = false
+    /// How this tracker's CBT began; whoever restores saved state sets it.
+    public var cbtOrigin: CbtOrigin = .startedAnew
 
     init(device: RoutedDevice, settings: EngineSettings, restoring map: CbtMap? = nil) {
         self.devId = device.devId

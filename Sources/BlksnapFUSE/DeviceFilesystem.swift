@@ -18,11 +18,12 @@ import Glibc
 public final class DeviceFilesystem: @unchecked Sendable {
     final class Entry {
         let ino: fuse_ino_t
+        let generation: UInt64
         let name: String
         let device: any BlockDevice
         let readOnly: Bool
-        init(ino: fuse_ino_t, name: String, device: any BlockDevice, readOnly: Bool) {
-            (self.ino, self.name, self.device, self.readOnly) = (ino, name, device, readOnly)
+        init(ino: fuse_ino_t, generation: UInt64, name: String, device: any BlockDevice, readOnly: Bool) {
+            (self.ino, self.generation, self.name, self.device, self.readOnly) = (ino, generation, name, device, readOnly)
         }
     }
 
@@ -31,10 +32,17 @@ public final class DeviceFilesystem: @unchecked Sendable {
     private let lock = Lock()
     private var entries: [fuse_ino_t: Entry] = [:]
     private var byName: [String: fuse_ino_t] = [:]
-    private var nextIno: fuse_ino_t = 2
+    /// Tells a file apart from an earlier one under the same inode number
+    /// (a loop index used again), for the kernel's inode cache.
+    private var generation = UInt64(time(nil)) << 20
     private var session: OpaquePointer?
     private var finished = Condition()
     private var running = false
+    /// The session runs on a connection a blksnapd before this one mounted.
+    private var adopted = false
+    /// What the kernel said in FUSE_INIT, for a blksnapd after this one.
+    private var kernelInit: FuseInit?
+    private var initialized = Condition()
 
     /// The largest request the kernel may send: large enough that a 1 MiB
     /// write from the loop device is one request.
@@ -47,13 +55,18 @@ public final class DeviceFilesystem: @unchecked Sendable {
 
     // MARK: files
 
-    /// Adds a file backed by `device`; returns its path.
-    public func add(name: String, device: any BlockDevice, readOnly: Bool = false) throws(BlksnapError) -> String {
+    /// Adds a file backed by `device` under inode number `ino` (above 1,
+    /// the root); returns its path. The caller derives `ino` from what it
+    /// saves (a loop index), so that a blksnapd started after a crash
+    /// serves the same file under the same number: the kernel names the
+    /// files it holds open (the loop devices' backing files) by it.
+    public func add(name: String, ino: fuse_ino_t, device: any BlockDevice, readOnly: Bool = false) throws(BlksnapError) -> String {
         try lock.withLock { () throws(BlksnapError) in
-            guard byName[name] == nil else { throw BlksnapError(.fileExists, "\(name) exists in \(mountpoint)") }
-            let ino = nextIno
-            nextIno += 1
-            entries[ino] = Entry(ino: ino, name: name, device: device, readOnly: readOnly)
+            guard byName[name] == nil, ino > fuse_ino_t(FUSE_ROOT_ID), entries[ino] == nil else {
+                throw BlksnapError(.fileExists, "\(name) (inode \(ino)) exists in \(mountpoint)")
+            }
+            generation += 1
+            entries[ino] = Entry(ino: ino, generation: generation, name: name, device: device, readOnly: readOnly)
             byName[name] = ino
         }
         return mountpoint + "/" + name
@@ -91,9 +104,136 @@ public final class DeviceFilesystem: @unchecked Sendable {
     /// Mounts at `mountpoint` and serves on several threads in the background.
     public func start() throws(BlksnapError) {
         mkdir(mountpoint, 0o700)
+        let se = try newSession()
+        guard fuse_session_mount(se, mountpoint) == 0 else {
+            fuse_session_destroy(se)
+            throw BlksnapError(.noSuchFileOrDirectory, "cannot mount the device filesystem at \(mountpoint)")
+        }
+        lock.withLock { session = se }
+        serve()
+        logger.info("blksnapd: device filesystem mounted at \(mountpoint)")
+    }
+
+    /// The connection's /dev/fuse descriptor and the name it is kept
+    /// under (what the kernel said in FUSE_INIT), once the kernel's
+    /// INIT was answered.
+    public var connection: (fd: Int32, name: String)? {
+        lock.withLock {
+            guard let session, let kernelInit else { return nil }
+            return (fuse_session_fd(session), kernelInit.name)
+        }
+    }
+
+    /// `connection`, waiting up to `seconds` for the kernel's FUSE_INIT
+    /// (sent at mount, answered by a serving thread).
+    public func connection(waitingUpTo seconds: UInt64) -> (fd: Int32, name: String)? {
+        let deadline = monotonicNanoseconds() + seconds * 1_000_000_000
+        lock.withLock {
+            while kernelInit == nil && initialized.wait(lock, untilMonotonic: deadline) {}
+        }
+        return connection
+    }
+
+    /// Whether a kept connection is still alive: /dev/fuse reports POLLERR
+    /// once its connection is aborted.
+    public static func isAlive(_ fd: Int32) -> Bool {
+        var p = pollfd(fd: fd, events: 0, revents: 0)
+        return poll(&p, 1, 0) == 0
+    }
+
+    /// Takes over `kept`, the connection of a blksnapd that died, without
+    /// serving yet (files first, then `serve`): a libfuse session on its
+    /// descriptor, given the FUSE_INIT the kernel will not send again, and
+    /// FUSE_NOTIFY_RESEND, so that what the dead server read and never
+    /// answered comes again. Throws where the kernel has no resend
+    /// (before 6.9): those requests would wait for ever.
+    ///
+    /// Sending a write again is safe: blksnapd acknowledges a write only
+    /// after the engine passed it on to the backing store, so one that
+    /// comes again either never reached the store or writes the same bytes
+    /// at the same place once more; and nothing that had to follow it was
+    /// sent before it completed (the block layer orders writes only by
+    /// their completion), so it overwrites nothing newer. Copy-on-write
+    /// cannot run twice for it either: snapshots live in the engine's
+    /// memory and died with the previous blksnapd, so the new engine has
+    /// none to copy into.
+    public func adopt(_ kept: KeptConnection) throws(BlksnapError) {
+        guard let initial = FuseInit(name: kept.name) else {
+            throw BlksnapError(.invalidArgument, "a kept FUSE connection named \(kept.name) is not the device filesystem's")
+        }
+        let sent = FuseInit.resendNotification.withUnsafeBytes { Glibc.write(kept.fd, $0.baseAddress, $0.count) }
+        guard sent == FuseInit.resendNotification.count else {
+            throw BlksnapError(.notSupported, "this kernel cannot send requests again (FUSE_NOTIFY_RESEND, Linux 6.9; it answered \(String(cString: strerror(errno))))")
+        }
+        // Nothing may touch the mount before the session serves: the kernel
+        // would send this very process a request it is not reading yet.
+        let se = try newSession()
+        guard fuse_session_mount(se, "/dev/fd/\(kept.fd)") == 0 else {
+            fuse_session_destroy(se)
+            throw BlksnapError(.badFileDescriptor, "libfuse refused the kept FUSE connection")
+        }
+        var request = initial.request
+        request.withUnsafeMutableBytes { raw in
+            var buf = fuse_buf()
+            buf.size = raw.count
+            buf.mem = raw.baseAddress
+            buf.fd = -1
+            _ = fuse_session_process_buf(se, &buf)
+        }
+        lock.withLock {
+            session = se
+            adopted = true
+        }
+        logger.notice("blksnapd: took over the device filesystem at \(mountpoint) from a blksnapd that died; the kernel sends again what it had read and not answered")
+    }
+
+    /// Serves the session on several threads in the background. All read
+    /// the one descriptor (no cloned ones): the kernel fails the requests
+    /// read on a cloned descriptor when it closes, so only requests read
+    /// on the kept one survive a crash to be sent again.
+    public func serve() {
+        let box = Unmanaged.passRetained(self)
+        lock.withLock { running = true }
+        var thread = pthread_t()
+        pthread_create(&thread, nil, { arg in
+            let fs = Unmanaged<DeviceFilesystem>.fromOpaque(arg!).takeRetainedValue()
+            var config = fuse_loop_config(clone_fd: 0, max_idle_threads: 16)
+            let se = fs.lock.withLock { fs.session! }
+            _ = fuse_session_loop_mt_32(se, &config)
+            fs.lock.withLock {
+                fs.running = false
+                fs.finished.broadcast()
+            }
+            return nil
+        }, box.toOpaque())
+        pthread_detach(thread)
+    }
+
+    private func newSession() throws(BlksnapError) -> OpaquePointer {
+        var ops = Self.operations()
+        let argv0 = strdup("blksnapd")
+        defer { free(argv0) }
+        var argvArray: [UnsafeMutablePointer<CChar>?] = [argv0, nil]
+        let se = argvArray.withUnsafeMutableBufferPointer { argv -> OpaquePointer? in
+            var args = fuse_args(argc: 1, argv: argv.baseAddress, allocated: 0)
+            return fuse_session_new(&args, &ops, MemoryLayout<fuse_lowlevel_ops>.size,
+                                    Unmanaged.passUnretained(self).toOpaque())
+        }
+        guard let se else { throw BlksnapError(.noSuchFileOrDirectory, "cannot create a FUSE session (is /dev/fuse there?)") }
+        return se
+    }
+
+    private static func operations() -> fuse_lowlevel_ops {
         var ops = fuse_lowlevel_ops()
         ops.`init` = { userdata, conn in
-            guard let conn else { return }
+            guard let userdata, let conn else { return }
+            let fs = Unmanaged<DeviceFilesystem>.fromOpaque(userdata).takeUnretainedValue()
+            let said = FuseInit(major: conn.pointee.proto_major, minor: conn.pointee.proto_minor,
+                                maxReadahead: conn.pointee.max_readahead)
+            fs.lock.withLock {
+                fs.kernelInit = said
+                fs.initialized.broadcast()
+            }
             conn.pointee.max_write = DeviceFilesystem.maxRequest
             conn.pointee.max_readahead = DeviceFilesystem.maxRequest
         }
@@ -112,46 +252,19 @@ public final class DeviceFilesystem: @unchecked Sendable {
             ino == fuse_ino_t(FUSE_ROOT_ID) ? fuse_reply_open(req, fi) : fuse_reply_err(req, ENOTDIR)
         }
         ops.releasedir = { req, _, _ in fuse_reply_err(req, 0) }
-
-        let argv0 = strdup("blksnapd")
-        defer { free(argv0) }
-        var argvArray: [UnsafeMutablePointer<CChar>?] = [argv0, nil]
-        let se = argvArray.withUnsafeMutableBufferPointer { argv -> OpaquePointer? in
-            var args = fuse_args(argc: 1, argv: argv.baseAddress, allocated: 0)
-            return fuse_session_new(&args, &ops, MemoryLayout<fuse_lowlevel_ops>.size,
-                                    Unmanaged.passUnretained(self).toOpaque())
-        }
-        guard let se else { throw BlksnapError(.noSuchFileOrDirectory, "cannot create a FUSE session (is /dev/fuse there?)") }
-        guard fuse_session_mount(se, mountpoint) == 0 else {
-            fuse_session_destroy(se)
-            throw BlksnapError(.noSuchFileOrDirectory, "cannot mount the device filesystem at \(mountpoint)")
-        }
-        lock.withLock {
-            session = se
-            running = true
-        }
-        let box = Unmanaged.passRetained(self)
-        var thread = pthread_t()
-        pthread_create(&thread, nil, { arg in
-            let fs = Unmanaged<DeviceFilesystem>.fromOpaque(arg!).takeRetainedValue()
-            var config = fuse_loop_config(clone_fd: 1, max_idle_threads: 16)
-            let se = fs.lock.withLock { fs.session! }
-            _ = fuse_session_loop_mt_32(se, &config)
-            fs.lock.withLock {
-                fs.running = false
-                fs.finished.broadcast()
-            }
-            return nil
-        }, box.toOpaque())
-        pthread_detach(thread)
-        logger.info("blksnapd: device filesystem mounted at \(mountpoint)")
+        return ops
     }
 
     /// Unmounts and waits for the serving threads to end.
     public func stop() {
-        guard let se = lock.withLock({ session }) else { return }
+        guard let (se, adopted) = lock.withLock({ session.map { ($0, adopted) } }) else { return }
         fuse_session_exit(se)
-        fuse_session_unmount(se)
+        if adopted {
+            // libfuse unmounts only what it mounted itself.
+            umount2(mountpoint, Int32(MNT_DETACH))
+        } else {
+            fuse_session_unmount(se)
+        }
         lock.withLock {
             while running { finished.wait(lock) }
             session = nil
@@ -191,6 +304,7 @@ public final class DeviceFilesystem: @unchecked Sendable {
         }
         var param = fuse_entry_param()
         param.ino = e.ino
+        param.generation = e.generation
         param.attr = attributes(e)
         param.attr_timeout = 1
         param.entry_timeout = 1
@@ -237,8 +351,10 @@ public final class DeviceFilesystem: @unchecked Sendable {
         fuse_reply_err(req, error.errno.rawValue)
     }
 
+    /// A file no longer served (the image of a snapshot that died with a
+    /// blksnapd before this one) fails with EIO, as a dead disk does.
     private func read(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _ off: off_t) {
-        guard let e = entry(ino) else { fuse_reply_err(req, ENOENT); return }
+        guard let e = entry(ino) else { fuse_reply_err(req, EIO); return }
         let offset = UInt64(off)
         guard offset < e.device.size else { fuse_reply_buf(req, nil, 0); return }
         let count = Int(min(UInt64(size), e.device.size - offset))
@@ -253,7 +369,7 @@ public final class DeviceFilesystem: @unchecked Sendable {
     }
 
     private func write(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ buf: UnsafePointer<CChar>, _ size: Int, _ off: off_t) {
-        guard let e = entry(ino) else { fuse_reply_err(req, ENOENT); return }
+        guard let e = entry(ino) else { fuse_reply_err(req, EIO); return }
         guard !e.readOnly else { fuse_reply_err(req, EROFS); return }
         let offset = UInt64(off)
         guard offset <= e.device.size, UInt64(size) <= e.device.size - offset else {
@@ -269,7 +385,7 @@ public final class DeviceFilesystem: @unchecked Sendable {
     }
 
     private func fsync(_ req: fuse_req_t?, _ ino: fuse_ino_t) {
-        guard let e = entry(ino) else { fuse_reply_err(req, ENOENT); return }
+        guard let e = entry(ino) else { fuse_reply_err(req, EIO); return }
         do throws(BlksnapError) {
             try e.device.flush()
             fuse_reply_err(req, 0)

@@ -1,6 +1,7 @@
 import BlksnapABI
 import BlksnapDevices
 import BlksnapEngine
+import CFuse3
 import Logging
 #if canImport(Glibc)
 import Glibc
@@ -10,25 +11,41 @@ import Glibc
 /// plus a loop device with direct I/O on it. Routed devices take loop
 /// indices from `routedBase` upwards, images the lowest free index, so the
 /// first image of a fresh machine is loop0 (/dev/blksnap-image0).
+///
+/// The FUSE connection is kept outside blksnapd too (`ConnectionStore`),
+/// so a blksnapd started after one that was killed takes it over: the
+/// same files under the same inode numbers (a file's is its loop index
+/// plus 2), and the requests the dead one never answered sent again.
 public final class FuseLoopDevices: DeviceMaker, @unchecked Sendable {
     public let filesystem: DeviceFilesystem
     public let routedBase: Int
     public var kind: String { "FUSE+loop" }
+    let store: any ConnectionStore
     private let lock = Lock()
     private var files: [Int: String] = [:]
-    private var counter = 0
     /// Routed indices whose removal waits for their last user.
     private var unremoved = Set<Int>()
+    /// The filesystem is the connection of a blksnapd that died.
+    private var adopted = false
+    /// Dead devices to unbind once the filesystem serves again.
+    private var unbindAfterResume: [Int] = []
 
     let logger: Logger
 
-    public init(mountpoint: String, routedBase: Int = 64, logger: Logger) {
+    /// `store` defaults to systemd's where the unit has one, else the
+    /// keeper, listening beside the mount point (fuse-keeper.sock).
+    public init(mountpoint: String, routedBase: Int = 64, logger: Logger, store: (any ConnectionStore)? = nil) {
         filesystem = DeviceFilesystem(mountpoint: mountpoint, logger: logger)
         self.routedBase = routedBase
         self.logger = logger
+        let stateDir = mountpoint.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
+        self.store = store ?? ConnectionStores.forThisProcess(keeperSocket: stateDir + "/fuse-keeper.sock", logger: logger)
     }
 
+    static func ino(_ index: Int) -> fuse_ino_t { fuse_ino_t(index) + 2 }
+
     public func start() throws(BlksnapError) {
+        if takeOver() { return }
         if filesystem.isStale {
             // A blksnapd killed while serving: its loop devices read a dead
             // FUSE file and fail every request. Unbind them (the kernel does
@@ -40,9 +57,64 @@ public final class FuseLoopDevices: DeviceMaker, @unchecked Sendable {
             filesystem.detachStaleMount()
         }
         try filesystem.start()
+        keepConnection()
     }
+
+    /// Gives the store a duplicate of the connection once the kernel's
+    /// FUSE_INIT is answered (its name says what the kernel said there).
+    private func keepConnection() {
+        guard let connection = filesystem.connection(waitingUpTo: 5) else {
+            logger.warning("blksnapd: the kernel never sent FUSE_INIT; a crash of blksnapd will fail its devices")
+            return
+        }
+        do throws(BlksnapError) {
+            try store.hold(connection.name, fd: connection.fd)
+            logger.info("blksnapd: \(store.kind) keeps the device filesystem's FUSE connection, so a crash of blksnapd fails no request")
+        } catch {
+            logger.warning("blksnapd: \(error); a crash of blksnapd will fail its devices")
+        }
+    }
+
+    /// Takes over the connection a blksnapd that died left in the store;
+    /// false when there is none. Where the kernel cannot send requests
+    /// again, the connection is let go: closing its last descriptor aborts
+    /// it, and every request fails as a dead server's do.
+    private func takeOver() -> Bool {
+        var took = false
+        for kept in store.take() {
+            guard !took, FuseInit(name: kept.name) != nil, DeviceFilesystem.isAlive(kept.fd) else {
+                if FuseInit(name: kept.name) != nil { store.drop(kept.name) }
+                close(kept.fd)
+                continue
+            }
+            do throws(BlksnapError) {
+                try filesystem.adopt(kept)
+                took = true
+            } catch {
+                logger.warning("blksnapd: \(error); the devices of the blksnapd that died fail their requests")
+                store.drop(kept.name)
+                close(kept.fd)
+            }
+        }
+        lock.withLock { adopted = took }
+        return took
+    }
+
+    /// Serves a taken-over connection once its files are back, then
+    /// unbinds the devices nobody serves again.
+    public func resume() {
+        guard lock.withLock({ adopted }) else { return }
+        filesystem.serve()
+        for index in lock.withLock({ () -> [Int] in defer { unbindAfterResume = [] }; return unbindAfterResume }) {
+            LoopDevice.detach(index)
+        }
+    }
+
     public func stop() {
+        // The kept duplicate goes first, so that the unmount ends the connection.
+        if let name = filesystem.connection?.name { store.drop(name) }
         filesystem.stop()
+        store.close()
         rmdir(filesystem.mountpoint)   // made by start; empty once unmounted
     }
 
@@ -58,11 +130,8 @@ public final class FuseLoopDevices: DeviceMaker, @unchecked Sendable {
     }
 
     public func bind(_ made: MadeDevice, to device: any BlockDevice, backend: String) throws(BlksnapError) {
-        let name = lock.withLock { () -> String in
-            counter += 1
-            return "\(device is SnapImage ? "image" : "routed")\(counter)"
-        }
-        let file = try filesystem.add(name: name, device: device)
+        let name = made.name
+        let file = try filesystem.add(name: name, ino: Self.ino(made.index), device: device)
         do throws(BlksnapError) {
             _ = try LoopDevice.attach(made.index, file: file, readOnly: false)
         } catch {
@@ -87,15 +156,33 @@ public final class FuseLoopDevices: DeviceMaker, @unchecked Sendable {
 
     // MARK: after a crash
 
-    /// FUSE has no reconnect: the kernel aborts a FUSE connection whose
-    /// server dies, and a loop device cannot be moved to another file.
+    /// Serves the file the loop device still holds open, under the inode
+    /// number it had. A loop device cannot be moved to another file, so
+    /// without a taken-over connection (the kernel aborted it) there is
+    /// nothing to serve.
     public func reclaim(_ made: MadeDevice, as device: any BlockDevice, backend: String) throws(BlksnapError) {
-        throw BlksnapError(.notSupported, "a FUSE+loop device cannot outlive the blksnapd that served it")
+        guard lock.withLock({ adopted }) else {
+            throw BlksnapError(.notSupported, "a FUSE+loop device cannot outlive the blksnapd that served it")
+        }
+        let path = filesystem.mountpoint + "/" + made.name
+        guard readAttribute("/sys/block/loop\(made.index)/loop/backing_file") == path else {
+            throw BlksnapError(.noSuchAddressOrDevice, "\(made.node) is no longer bound to \(path)")
+        }
+        _ = try filesystem.add(name: made.name, ino: Self.ino(made.index), device: device)
+        lock.withLock { files[made.index] = made.name }
     }
 
-    /// `start` already unbound the dead loop devices; routed indices were
-    /// added for them and go once free.
+    /// Unbinds a dead device still bound to a file of ours (after a
+    /// taken-over connection serves again: unbinding waits for the
+    /// device's requests); routed indices were added for them and go once
+    /// free.
     public func abandon(_ made: MadeDevice, backend: String) {
+        let backing = readAttribute("/sys/block/loop\(made.index)/loop/backing_file")
+        if backing?.hasPrefix(filesystem.mountpoint + "/") == true {
+            lock.withLock {
+                if adopted { unbindAfterResume.append(made.index) } else { LoopDevice.detach(made.index) }
+            }
+        }
         release(made)
     }
 }

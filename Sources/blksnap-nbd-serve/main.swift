@@ -25,6 +25,15 @@ struct Serve: ParsableCommand {
             latest snapshot image read-only. SIGUSR1 takes a new snapshot of every \
             such device (the old one is destroyed, the tracking goes on) and prints \
             "took snapshot N of NAME" on standard output. SIGINT or SIGTERM stops.
+
+            Examples:
+              blksnap-nbd-serve --socket /tmp/nbd.sock disk=/var/tmp/disk.img
+              nbdinfo 'nbd+unix:///disk?socket=/tmp/nbd.sock'
+
+              blksnap-nbd-serve --socket /tmp/nbd.sock --snapshot disk disk=/var/tmp/disk.img &
+              kill -USR1 %1     # prints: took snapshot 2 of disk
+              nbdinfo --map=blksnap:changed-since:1 'nbd+unix:///disk?socket=/tmp/nbd.sock'
+              nbdcopy 'nbd+unix:///disk@snapshot?socket=/tmp/nbd.sock' backup.img
             """)
 
     @Option(help: "Unix socket to listen on (created with mode 0600).")

@@ -15,6 +15,13 @@ struct Blksnapctl: ParsableCommand {
         discussion: """
             Talks to blksnapd over its control socket (root only; \
             $BLKSNAP_CONTROL_SOCKET or /run/blksnap/control.sock).
+
+            Examples:
+              blksnapctl attach /var/lib/disks/vm1.img --size 10G   # prints: /dev/loop64 7:64
+              blksnapctl exec -- blksnap snapshot_create --device /dev/loop64
+              blksnapctl status
+              blksnapctl detach /dev/loop64
+              blksnapctl --generate-completion-script bash > /etc/bash_completion.d/blksnapctl
             """,
         subcommands: [Status.self, Attach.self, Detach.self, Exec.self])
 }
@@ -34,7 +41,17 @@ struct Failure: Error, CustomStringConvertible {
 
 struct Status: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Show routed devices, trackers, snapshots and images.")
+        abstract: "Show routed devices, trackers, snapshots and images.",
+        discussion: """
+            Declared devices show their state (routed, missing, refused and why) and \
+            how their change tracking began: restored (saved at a clean stop), \
+            restored-after-crash (a superset of the blocks written), started-anew.
+
+            Examples:
+              blksnapctl status
+              blksnapctl status --json | jq '.trackers[] | {devId, generationId, snapNumber}'
+              blksnapctl status --socket /tmp/test/control.sock
+            """)
 
     @OptionGroup var options: SocketOption
 
@@ -50,23 +67,30 @@ struct Status: ParsableCommand {
             return
         }
         let status = try JSONDecoder().decode(EngineStatus.self, from: Data(payload))
-        if let declared = status.declared {
-            print(Table.render(title: "declared devices", ["NAME", "STATE", "NODE", "CBT", "BACKING", "WHY"],
-                               declared.map { [$0.name, $0.state, $0.node ?? "-", $0.cbt ?? "-", $0.backing, $0.why ?? ""] }))
-        }
+        // The CBT column says how tracking began, with why where the routed
+        // device knows it (a new generation's reason, regions after a crash).
+        let cbtDetail = Dictionary(status.devices.compactMap { d in d.cbt.map { (d.devId, $0) } }) { a, _ in a }
+        print(Table.render(title: "declared devices", ["NAME", "STATE", "DEVICE", "CBT", "BACKING", "WHY"],
+                           status.declared.map { [$0.name, $0.state.rawValue, $0.link ?? $0.node ?? "-",
+                                                  $0.devId.flatMap { cbtDetail[$0] } ?? $0.cbtOrigin.rawValue,
+                                                  $0.backing, $0.reason ?? ""] }))
         print(Table.render(title: "routed devices", ["DEVICE", "NODE", "NAME", "SIZE", "TRACKED", "CBT", "BACKING"],
                            status.devices.map { [$0.devId, $0.node ?? "-", $0.name ?? "-", "\($0.sizeBytes)", $0.tracked ? "yes" : "no",
                                                  $0.cbt ?? "-", $0.backing] }))
-        print(Table.render(title: "trackers", ["DEVICE", "BLOCK", "BLOCKS", "SNAP#", "GENERATION", "SNAPSHOT"],
+        print(Table.render(title: "trackers", ["DEVICE", "BLOCK", "BLOCKS", "SNAP#", "GENERATION", "CBT", "SNAPSHOT"],
                            status.trackers.map { ["\($0.devId)", "\($0.blockSize)", "\($0.blockCount)", "\($0.snapNumber)",
-                                                  $0.generationId, $0.snapshot ?? "-"] }))
+                                                  $0.generationId, $0.cbtOrigin.rawValue, $0.snapshot ?? "-"] }))
         print(Table.render(title: "snapshots", ["ID", "TAKEN", "CORRUPTED", "DEVICES", "STORAGE USED/SIZE (sectors)"],
                            status.snapshots.map { [$0.id, $0.taken ? "yes" : "no", $0.corrupted ? "yes" : "no",
                                                    $0.devices.joined(separator: ","),
                                                    "\($0.storageFilledSectors)/\($0.storageCapacitySectors)"] }))
+        // An image's node is its export's name where blksnapd did not say:
+        // where loop0 or nbd0 was taken, the first image is not /dev/blksnap-image0.
+        let nodes = Dictionary(status.exports.map { ($0.devId, "/dev/" + $0.name) }) { a, _ in a }
         print(Table.render(title: "images", ["IMAGE", "NODE", "ORIGINAL", "STORED CHUNKS", "CORRUPTED"],
                            status.snapshots.flatMap(\.images).map {
-                               [$0.imageDevId, $0.node ?? "-", $0.originalDevId, "\($0.storedChunks)", $0.corrupted ? "yes" : "no"]
+                               [$0.imageDevId, $0.node ?? nodes[$0.imageDevId] ?? "-", $0.originalDevId, "\($0.storedChunks)",
+                                $0.corrupted ? "yes" : "no"]
                            }))
         print(Table.render(title: "NBD exports", ["NAME", "DEVICE", "URI"],
                            status.exports.map { [$0.name, $0.devId, $0.uri] }), terminator: "")
@@ -104,9 +128,11 @@ struct Attach: ParsableCommand {
             Do not lvextend, lvreduce, pvmove or lvremove it until detach --live.
 
             Examples:
-              blksnapctl attach /var/lib/disks/vm1.img --size 10G
+              blksnapctl attach /var/lib/disks/vm1.img --size 10G   # prints: /dev/loop64 7:64
               blksnapctl attach --name vm1 --persist /var/lib/disks/vm1.img
-              blksnapctl attach 'nbd+unix:///disk?socket=/run/qsd.sock'
+              blksnapctl attach /dev/sdb
+              blksnapctl attach 'nbd+unix:///disk?socket=/run/qsd/nbd.sock'
+              blksnapctl attach nbd://backup-host/vm2
               blksnapctl attach --live /dev/vg0/data
             """)
 
@@ -163,6 +189,7 @@ struct Detach: ParsableCommand {
 
             Examples:
               blksnapctl detach /dev/loop64
+              blksnapctl detach 7:64
               blksnapctl detach --live /dev/vg0/data
               blksnapctl detach --forget vm1
             """)
@@ -191,7 +218,18 @@ struct Detach: ParsableCommand {
 struct Exec: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run a command with the blksnap preload shim, so its /dev/blksnap reaches blksnapd.",
-        discussion: "Example: blksnapctl exec -- blksnap version")
+        discussion: """
+            Sets LD_PRELOAD to the preload library (found beside blksnapctl, in \
+            the build tree or in the installed prefix's lib/blksnap) and \
+            BLKSNAP_CONTROL_SOCKET to --socket, then runs the command. Where a real \
+            /dev/blksnap exists, the shim passes every call through.
+
+            Examples:
+              blksnapctl exec -- blksnap version
+              blksnapctl exec -- blksnap snapshot_create --device /dev/loop64
+              blksnapctl exec -- blksnap tracker_collect
+              blksnapctl exec --preload /opt/lib/libblksnap-preload.so -- ./my-backup-tool
+            """)
 
     @OptionGroup var options: SocketOption
 
@@ -203,6 +241,9 @@ struct Exec: ParsableCommand {
 
     func run() throws {
         var argv = command
+        // Everything after `exec` is passed through, so --help before any
+        // `--` is ours to answer.
+        if argv.first == "--help" || argv.first == "-h" { throw CleanExit.helpRequest(Exec.self) }
         if argv.first == "--" { argv.removeFirst() }
         guard let program = argv.first else { throw ValidationError("name a command to run") }
         let library = try preload ?? Exec.findPreload()
@@ -217,16 +258,9 @@ struct Exec: ParsableCommand {
         throw Failure(description: "cannot run \(program): \(String(cString: strerror(errno)))")
     }
 
-    /// Beside this binary, or in the build tree's preload folder, or installed.
+    /// Beside this binary, in the build tree's preload folder, or installed.
     static func findPreload() throws -> String {
-        var buffer = [CChar](repeating: 0, count: 4096)
-        let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
-        let exe = n > 0 ? String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : ""
-        let dir = exe.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
-        // .build/debug is a link to .build/<triple>/debug, so the build
-        // tree's preload folder is one or two levels up.
-        let candidates = [dir + "/libblksnap-preload.so", dir + "/../preload/libblksnap-preload.so",
-                          dir + "/../../preload/libblksnap-preload.so", "/usr/local/lib/blksnap/libblksnap-preload.so"]
+        let candidates = Companion.preloadCandidates(from: Companion.executableDirectory)
         guard let found = candidates.first(where: { access($0, R_OK) == 0 }) else {
             throw Failure(description: "no libblksnap-preload.so found (looked in \(candidates.joined(separator: ", "))); "
                           + "build it with tools/build-preload or pass --preload")
@@ -252,7 +286,7 @@ struct ControlClient {
         guard rc == 0 else {
             let why = String(cString: strerror(errno))
             close(fd)
-            throw Failure(description: "cannot reach blksnapd at \(path): \(why) (is it running? start it with tools/run-daemon)")
+            throw Failure(description: "cannot reach blksnapd at \(path): \(why) (is it running? start it with tools/run-daemon or systemctl start blksnapd)")
         }
     }
 

@@ -6,6 +6,7 @@ import BlksnapEngine
 import BlksnapFUSE
 import BlksnapLibnbd
 import BlksnapNBD
+import BlksnapService
 import BlksnapShimServer
 import CBlksnapABI
 import FoundationEssentials
@@ -25,7 +26,10 @@ struct Blksnapd: ParsableCommand {
             Serves the blksnap v1 interface without a kernel module. State lives \
             under --state-dir (default /run/blksnap). Stop it with SIGINT or \
             SIGTERM: snapshots are destroyed, original devices keep their data, \
-            and every CBT map is saved.
+            and every CBT map is saved. \
+            Started by systemd (blksnapd.service, Type=notify), it reports ready \
+            on $NOTIFY_SOCKET once it serves and every declared device is routed, \
+            and stopping when a signal comes.
 
             Declared devices: every *.conf file of --config-dir (default \
             /etc/blksnap), read in name order, holds one device per line, \
@@ -47,6 +51,15 @@ struct Blksnapd: ParsableCommand {
             Change tracking survives restarts, reboots and crashes: each \
             device's CBT map is saved in --cbt-dir (default /var/lib/blksnap) \
             and restored when the same backing is attached again.
+
+            Examples:
+              blksnapd                                   # defaults; run as root
+              blksnapd --diff-storage-minimum 262144 --log-level debug
+              blksnapd --devices fuse --mode shim        # FUSE+loop devices, preload shim
+              blksnapd --metrics 127.0.0.1:9177          # Prometheus text at /metrics
+              blksnapd --nbd-tcp 127.0.0.1:10809         # NBD exports over TCP too
+              blksnapd --config-dir /etc/blksnap --cbt-dir /var/lib/blksnap
+              systemctl start blksnapd                   # as installed by tools/install
             """)
 
     @Option(help: "Directory of the declared-device files (*.conf).")
@@ -123,8 +136,20 @@ struct Blksnapd: ParsableCommand {
         """)
     var nbdGroup: String?
 
+    @Option(help: ArgumentHelp("""
+        Serve Prometheus metrics over HTTP at HOST:PORT, path /metrics (off by default). \
+        HOST is a numeric address: 127.0.0.1 or [::1] for this machine only; 0.0.0.0 \
+        or [::] only if you mean every interface.
+        """, valueName: "host:port"))
+    var metrics: String?
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
+
+    /// The keeper of the FUSE connections (FuseConnectionKeeper), which
+    /// blksnapd starts itself; not for people.
+    @Flag(name: .customLong(String(FuseConnectionKeeper.option.dropFirst(2))), help: .hidden)
+    var keepFuseConnections = false
 
     var settings: EngineSettings {
         var s = EngineSettings()
@@ -145,6 +170,9 @@ struct Blksnapd: ParsableCommand {
         guard nbdRequestTimeout >= 1, nbdDeadTimeout >= 1 else { throw ValidationError("NBD timeouts are at least 1 second") }
         guard diffStorageMinimum >= 16 else { throw ValidationError("--diff-storage-minimum is too small") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown log level \(logLevel)") }
+        if let metrics {
+            do { _ = try ListenAddress(parsing: metrics) } catch { throw ValidationError("--metrics \(error)") }
+        }
     }
 
     func run() throws {
@@ -155,6 +183,7 @@ struct Blksnapd: ParsableCommand {
         }
         var logger = Logger(label: "blksnapd")
         logger.logLevel = Logger.Level(rawValue: logLevel)!
+        if keepFuseConnections { FuseConnectionKeeper.serve(listening: 3, logger: logger) }
 
         let state = try StateDirectory(path: stateDir)
         defer { state.release() }
@@ -239,12 +268,13 @@ struct Blksnapd: ParsableCommand {
 
         let control = Control(engine: engine)
         let server = ControlServer(path: stateDir + "/control.sock", control: control, logger: logger)
-        server.status = { [weak engine] in
+        let status: @Sendable () -> EngineStatus = { [weak engine] in
             var status = engine?.status() ?? EngineStatus(devices: [], trackers: [], snapshots: [])
             status.exports = exports.all
-            DeviceRequests.describe(&status, dataPlane)
+            DeviceRequests.describe(&status, dataPlane, engine)
             return status
         }
+        server.status = status
         let requestLogger = logger
         let configDir = configDir
         server.deviceRequests = { type, payload in
@@ -266,16 +296,34 @@ struct Blksnapd: ParsableCommand {
                 logger.warning("blksnapd: no CUSE device (\(error)); tools reach blksnapd through the preload shim")
             }
         } else {
-            logger.info("blksnapd: no /dev/cuse; run tools with `blksnapctl exec -- TOOL` (the preload shim)")
+            logger.info("blksnapd: no /dev/cuse; run tools with `\(Companion.command("blksnapctl")) exec -- TOOL` (the preload shim)")
         }
         defer { cuse?.stop() }
+
+        let metricsServer = try metrics.map { text in
+            let responder = HTTPResponder(handler: MetricsExporter(engine: engine, status: status).handler)
+            let address = try ListenAddress(parsing: text)
+            let port = try responder.start(address)
+            logger.info("blksnapd: metrics at http://\(ListenAddress(family: address.family, host: address.host, port: port))/metrics")
+            return responder
+        }
+        defer { metricsServer?.stop() }
         // Ready: every declared device is routed (or skipped, with why).
         let routedCount = declaredStates.filter { $0.state == "routed" }.count
         logger.info("blksnapd: engine ready (diff-storage-minimum \(settings.diffStorageMinimum) sectors, state in \(stateDir), \(routedCount) of \(declaredStates.count) declared device(s) routed)")
+        // Only now may systemd start what is ordered after us (fstab's
+        // mounts, which may name /dev/disk/by-blksnap/NAME).
+        let notify = SystemdNotify()
+        do { try notify.ready(status: "serving \(engine.routedDevices.count) routed device(s)") } catch {
+            logger.warning("blksnapd: \(error)")
+        }
 
         var received: Int32 = 0
         sigwait(&signals, &received)
         logger.info("blksnapd: signal \(received), shutting down")
+        do { try notify.stopping(status: "destroying snapshots, stopping devices") } catch {
+            logger.warning("blksnapd: \(error)")
+        }
         cuse?.stop()
         cuse = nil
         engine.destroyAll()
@@ -372,7 +420,7 @@ enum DeviceRequests {
 
 extension DeviceRequests {
     /// What only the data plane knows: nodes, names, declared devices.
-    static func describe(_ status: inout EngineStatus, _ plane: DataPlane) {
+    static func describe(_ status: inout EngineStatus, _ plane: DataPlane, _ engine: Engine?) {
         let nodes = plane.nodes
         let names = plane.names
         for i in status.devices.indices {
@@ -386,11 +434,11 @@ extension DeviceRequests {
         }
         status.declared = plane.declaredStates.map { d in
             let devId = d.devId?.description
-            let device = status.devices.first { $0.devId == devId }
-            return EngineStatus.DeclaredInfo(
-                name: d.device.name, backing: d.device.backing, state: d.state, why: d.why, devId: devId,
-                node: devId.flatMap { nodes[$0] }, link: d.state == "routed" ? "/dev/disk/by-blksnap/\(d.device.name)" : nil,
-                cbt: device?.cbt)
+            return DeclaredDevice(
+                name: d.device.name, backing: d.device.backing, state: DeclaredDevice.State(rawValue: d.state) ?? .refused,
+                reason: d.why, node: devId.flatMap { nodes[$0] }, devId: devId,
+                link: d.state == "routed" ? "/dev/disk/by-blksnap/\(d.device.name)" : nil,
+                cbtOrigin: d.state == "routed" ? d.devId.flatMap { engine?.routedDevice($0)?.cbtOutcome.origin } ?? .none : .none)
         }
     }
 }

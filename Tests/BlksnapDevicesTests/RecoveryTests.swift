@@ -37,6 +37,9 @@ final class FakeMaker: DeviceMaker, @unchecked Sendable {
         bound[made.index] = backend
     }
     func abandon(_ made: MadeDevice, backend: String) { abandoned.append((made, backend)) }
+    /// How many devices were reclaimed and abandoned when resume came.
+    private(set) var resumedAfter: [Int]?
+    func resume() { resumedAfter = [reclaimed.count, abandoned.count] }
 }
 
 /// A scratch directory with a state list and backing files.
@@ -137,6 +140,19 @@ func routedDevice(_ made: MadeDevice, kind: String, backing: String, size: UInt6
         // The device is the plane's again: detach undoes it.
         try dataPlane.detach(made.devId)
         #expect(engine.routedDevice(made.devId) == nil)
+    }
+
+    /// A FUSE maker holds the kernel's requests back until every file is
+    /// served again: resume comes last.
+    @Test func theMakerResumesOnceEveryDeviceIsReclaimedOrAbandoned() throws {
+        let scratch = Scratch()
+        let backing = scratch.file("a.img", size: 1 << 20)
+        let image = MadeDevice(name: "fake0", node: "/dev/fake0", devId: DevId(major: 250, minor: 0), index: 0)
+        let saved = SavedDevices(routed: [routedDevice(fake7, kind: "fake", backing: backing, size: 1 << 20)],
+                                 images: [.init(kind: "fake", made: image, backend: "image", nodes: [])])
+        let maker = FakeMaker()
+        _ = try restart(after: saved, maker, scratch)
+        #expect(maker.resumedAfter == [1, 1])
     }
 
     @Test func imagesAreUndoneSinceTheirSnapshotsDied() throws {

@@ -16,6 +16,18 @@ extern const int blksnap_o_direct;
 int blksnap_punch_hole(int fd, off_t offset, off_t length);
 
 
+/* Descriptor passing (fd_passing.c). send: one message, with `fd` as
+ * SCM_RIGHTS unless it is -1, to `to` when given (a datagram socket) else
+ * to the connected peer. recv: one message; *fd is the descriptor it
+ * carried (close-on-exec) or -1. */
+struct sockaddr;
+ssize_t blksnap_send_with_fd(int sock, const struct sockaddr *to, unsigned int tolen,
+			     const void *buf, size_t len, int fd);
+ssize_t blksnap_recv_with_fd(int sock, void *buf, size_t len, int *fd);
+/* posix_spawn in a new session with stdin on /dev/null and `fd3` (unless
+ * -1) as descriptor 3. */
+int blksnap_spawn_detached(const char *path, char *const argv[], int fd3, pid_t *pid);
+
 /* SO_PEERCRED of a connected Unix socket; 0 or -1 with errno. */
 int blksnap_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid);
 
