@@ -12,6 +12,7 @@ Usage:
   blksnap_ioctl.py images ID                -> "ORIG_MJ:MN IMAGE_MJ:MN" per line
   blksnap_ioctl.py waitevent ID TIMEOUT_MS  -> "CODE DATA-HEX" or exit 2 (ENOENT)
   blksnap_ioctl.py cbt DEV                  -> "SNAP_NUMBER BLOCK_SIZE HEXMAP"
+  blksnap_ioctl.py collect                  -> "MJ:MN GENERATION SNAP_NUMBER BLOCK_SIZE BLOCK_COUNT" per tracker
   blksnap_ioctl.py destroy ID
   blksnap_ioctl.py remove DEV
 """
@@ -136,6 +137,14 @@ def main(argv):
         got = call(fd, 3, ReadCbt(dev_id=target, offset=0, length=info.blk_count, buff=buf))
         assert got == info.blk_count, (got, info.blk_count)
         print(info.snap_number, info.blk_size, bytes(buf).hex())
+    elif cmd == "collect":
+        tc = TrackerCollect(count=0)
+        call(fd, 2, tc)
+        infos = (CbtInfo * tc.count)()
+        tc.cbt_info_array = infos
+        call(fd, 2, tc)
+        for i in infos[:tc.count]:
+            print(f"{i.dev_id.mj}:{i.dev_id.mn} {uuid.UUID(bytes=bytes(i.generation_id))} {i.snap_number} {i.blk_size} {i.blk_count}")
     elif cmd == "remove":
         call(fd, 1, TrackerRemove(dev_id=dev_of(args[0])))
     else:

@@ -51,7 +51,9 @@ start_blksnapd() {
     rm -f "$BLKSNAP_CONTROL_SOCKET"
     # After the stop: a device filesystem left by a blksnapd that died.
     cleanup_fn "umount -l '$state/devices' 2>/dev/null"
-    "$blksnapd" --state-dir "$state" "$@" 2>>"$scratch/blksnapd.log" &
+    # Declarations and saved CBT maps in the scratch directory too, never
+    # the machine's /etc/blksnap and /var/lib/blksnap.
+    "$blksnapd" --state-dir "$state" --config-dir "$scratch/etc" --cbt-dir "$scratch/cbt" "$@" 2>>"$scratch/blksnapd.log" &
     blksnapd_pid=$!
     cleanup_fn "stop_blksnapd $blksnapd_pid"
     for _ in $(seq 100); do [ -S "$BLKSNAP_CONTROL_SOCKET" ] && return 0; sleep 0.1; done

@@ -22,6 +22,16 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
         public var devId: String
         public var backing: String
         public var sizeBytes: UInt64
+        /// /dev/disk/by-blksnap/NAME of a named device.
+        public var link: String?
+    }
+
+    /// A declared device at start: routed, missing or refused, and why.
+    public struct DeclaredState: Sendable, Equatable {
+        public var device: DeclaredDevices.Device
+        public var state: String
+        public var why: String?
+        public var devId: DevId?
     }
 
     /// A block device this plane made or removed, for whoever also exports
@@ -44,18 +54,39 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
     private(set) weak var engine: Engine?
     /// Keyed by the number the engine routes: the made device's, or for a
     /// live-routed dm device the dm device's own.
-    var routed: [DevId: (made: MadeDevice, backing: String, backend: String, size: UInt64, live: SavedDevices.Live?)] = [:]
+    var routed: [DevId: Routed] = [:]
+    struct Routed {
+        var made: MadeDevice
+        var backing: String
+        var backend: String
+        var size: UInt64
+        var live: SavedDevices.Live? = nil
+        var name: String? = nil
+        /// The links made for it (/dev/disk/by-blksnap/NAME, /dev/block/MJ:MN).
+        var links: [String] = []
+    }
+    /// Where CBT maps are kept across restarts (nil: not kept).
+    let cbtDirectory: String?
+    let cbtSyncIntervalSeconds: Int64
+    /// Where links go: DIR/disk/by-blksnap/NAME and DIR/block/MJ:MN (nil: none).
+    let devDirectory: String?
+    private var declared: [DeclaredState] = []
     private var images: [ObjectIdentifier: (made: MadeDevice, nodes: [String], backend: String)] = [:]
     /// Saved devices of another maker's kind: kept in the list for a
     /// blksnapd that makes that kind.
     private var foreign = SavedDevices()
 
     public init(maker: any DeviceMaker, logger: Logger, listPath: String? = nil,
-                openURI: (@Sendable (String) throws(BlksnapError) -> any BlockDevice)? = nil) {
+                openURI: (@Sendable (String) throws(BlksnapError) -> any BlockDevice)? = nil,
+                cbtDirectory: String? = nil, cbtSyncIntervalSeconds: Int64 = 60,
+                devDirectory: String? = nil) {
         self.maker = maker
         self.logger = logger
         self.listPath = listPath
         self.openURI = openURI
+        self.cbtDirectory = cbtDirectory
+        self.cbtSyncIntervalSeconds = cbtSyncIntervalSeconds
+        self.devDirectory = devDirectory
     }
 
     /// Starts the maker, then takes over what a blksnapd that died left in
@@ -88,6 +119,7 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
             maker.unbind(r.made)
             maker.release(r.made)
             try? engine?.unroute(r.made.devId)
+            for l in r.links { unlink(l) }
         }
         lock.withLock {
             routed.removeAll()
@@ -102,7 +134,7 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
     /// Routes `backing`: an NBD URI, a regular file (created and grown to
     /// `size` when asked) or a block device (opened O_EXCL, so a mounted or
     /// held disk is refused).
-    public func attach(backing: String, size: UInt64? = nil) throws(BlksnapError) -> Attached {
+    public func attach(backing: String, size: UInt64? = nil, name: String? = nil) throws(BlksnapError) -> Attached {
         // The size comes from the control socket: a file cannot be larger
         // than off_t holds, and the conversion below would trap on more.
         if let size, size > UInt64(Int64.max) {
@@ -124,19 +156,30 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
                 }
             }
         }
-        return try attach(backing: openBacking(backing), label: backing)
+        return try attach(backing: openBacking(backing), label: backing, name: name)
     }
 
     /// Routes an opened store (a file, a block device, an NBD export);
     /// `label` is how it is opened again after a crash.
-    public func attach(backing: any BlockDevice, label: String) throws(BlksnapError) -> Attached {
+    public func attach(backing: any BlockDevice, label: String, name: String? = nil) throws(BlksnapError) -> Attached {
         guard let engine = lock.withLock({ engine }) else { throw BlksnapError(.ioError, "the data plane is not started") }
         guard backing.size >= 4096 else { throw BlksnapError(.invalidArgument, "\(label) is too small to be a disk") }
+        if let name {
+            guard DeclaredDevices.isValidName(name) else {
+                throw BlksnapError(.invalidArgument, "\(name) is not a device name (letters, digits, '.', '_', '-'; at most 64)")
+            }
+            if let other = lock.withLock({ routed.values.first { $0.name == name } }) {
+                throw BlksnapError(.fileExists, "the name \(name) is taken by \(other.made.node)")
+            }
+        }
+        if let other = lock.withLock({ routed.values.first { $0.backing == label } }) {
+            throw BlksnapError(.resourceBusy, "\(label) is routed already, by \(other.made.node)")
+        }
         let made = try maker.reserve(image: false)
         let backend = Self.backend(routing: label)
         let device: RoutedDevice
         do throws(BlksnapError) {
-            device = try engine.route(made.devId, backing: backing)
+            device = try engine.route(made.devId, backing: backing, store: store(for: label, backing: backing))
             do throws(BlksnapError) {
                 try maker.bind(made, to: device, backend: backend)
             } catch {
@@ -147,17 +190,80 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
             maker.release(made)
             throw error
         }
-        added(made, device: device, label: label, backend: backend)
-        logger.info("blksnapd: \(made.node) (\(made.devId)) routes \(label)")
-        return Attached(node: made.node, devId: made.devId.description, backing: label, sizeBytes: backing.size)
+        let link = added(made, device: device, label: label, backend: backend, name: name)
+        logger.info("blksnapd: \(made.node) (\(made.devId)) routes \(label)\(link.map { ", linked as \($0)" } ?? "")")
+        return Attached(node: made.node, devId: made.devId.description, backing: label, sizeBytes: backing.size, link: link)
     }
 
-    func added(_ made: MadeDevice, device: RoutedDevice, label: String, backend: String, live: SavedDevices.Live? = nil) {
+    @discardableResult
+    func added(_ made: MadeDevice, device: RoutedDevice, label: String, backend: String, name: String? = nil,
+               live: SavedDevices.Live? = nil) -> String? {
+        var links: [String] = []
+        var stable: String?
+        if let devDirectory {
+            // The upstream shell tests find devices through /dev/block; udev
+            // makes that link where it runs, so one already there is left be.
+            mkdir(devDirectory + "/block", 0o755)
+            let blockLink = devDirectory + "/block/\(made.devId.major):\(made.devId.minor)"
+            var st = stat()
+            if lstat(blockLink, &st) != 0, symlink(made.node, blockLink) == 0 { links.append(blockLink) }
+        }
+        if let name, let devDirectory {
+            let linkDirectory = devDirectory + "/disk/by-blksnap"
+            let path = linkDirectory + "/" + name
+            makeDirectories(linkDirectory)
+            unlink(path)
+            if symlink(made.node, path) == 0 {
+                links.append(path)
+                stable = path
+            } else {
+                logger.error("blksnapd: cannot make the link \(path): \(String(cString: strerror(errno)))")
+            }
+        }
         lock.withLock {
-            routed[device.devId] = (made, label, backend, device.size, live)
+            routed[device.devId] = Routed(made: made, backing: label, backend: backend, size: device.size, live: live,
+                                         name: name, links: links)
             persist()
         }
         onDevice?(.added(name: made.name, device: device, devId: made.devId, original: nil))
+        return stable
+    }
+
+    private func makeDirectories(_ path: String) {
+        var prefix = ""
+        for part in path.split(separator: "/") {
+            prefix += "/" + part
+            mkdir(prefix, 0o755)
+        }
+    }
+
+    /// The store of `label`'s CBT map, named by a hash of the label (the
+    /// same file comes back for the same backing) and knowing how to tell
+    /// whether the backing is still the one it was saved for.
+    private func store(for label: String, backing: any BlockDevice) -> CbtStore? {
+        guard let cbtDirectory else { return nil }
+        makeDirectories(cbtDirectory)
+        let uri = isURI(label)
+        let size = backing.size
+        return CbtStore(directory: cbtDirectory, key: Self.key(label), syncIntervalSeconds: cbtSyncIntervalSeconds) {
+            if uri { return BackingIdentity(kind: .uri, label: label, size: size) }
+            var st = stat()
+            guard stat(label, &st) == 0 else { return BackingIdentity(kind: .other, label: label, size: 0) }
+            if st.st_mode & S_IFMT == S_IFBLK {
+                return BackingIdentity(kind: .blockDevice, label: label, size: size, device: UInt64(st.st_rdev))
+            }
+            return BackingIdentity(kind: .file, label: label, size: UInt64(st.st_size), device: UInt64(st.st_dev),
+                                   inode: UInt64(st.st_ino),
+                                   mtimeNs: Int64(st.st_mtim.tv_sec) * 1_000_000_000 + Int64(st.st_mtim.tv_nsec))
+        }
+    }
+
+    /// A file name for a backing's saved CBT: FNV-1a of the label.
+    static func key(_ label: String) -> String {
+        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+        for byte in label.utf8 { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
+        let hex = String(hash, radix: 16)
+        return String(repeating: "0", count: 16 - hex.count) + hex
     }
 
     private func isURI(_ text: String) -> Bool {
@@ -213,6 +319,7 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
         onDevice?(.removed(name: r.made.name))
         maker.unbind(r.made)
         maker.release(r.made)
+        for l in r.links { unlink(l) }
         lock.withLock {
             _ = routed.removeValue(forKey: devId)
             persist()
@@ -220,10 +327,15 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
         logger.info("blksnapd: \(r.made.node) detached; \(r.backing) is consistent")
     }
 
-    /// Finds a routed device by node path or major:minor text.
+    /// The name a routed device was given, if any.
+    public func name(of devId: DevId) -> String? { lock.withLock { routed[devId]?.name } }
+
+    /// Finds a routed device by name, stable link, node path or major:minor text.
     public func resolve(_ text: String) -> DevId? {
         let all = lock.withLock { Array(routed.values) }
-        if let r = all.first(where: { $0.made.node == text || $0.made.devId.description == text }) { return r.made.devId }
+        if let r = all.first(where: {
+            $0.made.node == text || $0.made.devId.description == text || ($0.name != nil && ($0.name == text || $0.links.contains(text)))
+        }) { return r.made.devId }
         var st = stat()
         if stat(text, &st) == 0, st.st_mode & S_IFMT == S_IFBLK {
             return DevId(major: blksnap_major(st.st_rdev), minor: blksnap_minor(st.st_rdev))
@@ -319,14 +431,18 @@ extension DataPlane {
                 guard backing.size == d.sizeBytes ?? backing.size else {
                     throw BlksnapError(.invalidArgument, "\(label) now holds \(backing.size) bytes, not \(d.sizeBytes ?? 0)")
                 }
-                let device = try engine.route(d.live?.devId ?? d.made.devId, backing: backing)
+                // A live route keeps the device-mapper device's number.
+                let routedId = d.live?.devId ?? d.made.devId
+                let device = try engine.route(routedId, backing: backing, store: store(for: label, backing: backing))
                 do throws(BlksnapError) {
                     try maker.reclaim(d.made, as: device, backend: d.backend)
                 } catch {
-                    try? engine.unroute(d.made.devId)
+                    // Never served a write: its CBT stays as restored, so a
+                    // new attach still knows it follows a crash.
+                    try? engine.unroute(routedId, saveCbt: false)
                     throw error
                 }
-                added(d.made, device: device, label: label, backend: d.backend, live: d.live)
+                added(d.made, device: device, label: label, backend: d.backend, name: d.declaredName, live: d.live)
                 logger.notice("blksnapd: \(d.node) (\(d.made.devId)) routes \(label) again; what the previous blksnapd acknowledged is there, and waiting requests go on")
             } catch {
                 maker.abandon(d.made, backend: d.backend)
@@ -347,9 +463,10 @@ extension DataPlane {
         var list = foreign
         let kind = maker.kind
         for r in routed.values.sorted(by: { $0.made.index < $1.made.index }) {
-            var d = SavedDevices.Device(kind: kind, made: r.made, backend: r.backend, backing: r.backing, sizeBytes: r.size)
-            d.live = r.live
-            list.routed.append(d)
+            var saved = SavedDevices.Device(kind: kind, made: r.made, backend: r.backend, backing: r.backing, sizeBytes: r.size)
+            saved.live = r.live
+            saved.declaredName = r.name
+            list.routed.append(saved)
         }
         for i in images.values.sorted(by: { $0.made.index < $1.made.index }) {
             list.images.append(.init(kind: kind, made: i.made, backend: i.backend, nodes: i.nodes))
@@ -358,6 +475,85 @@ extension DataPlane {
             try list.store(to: listPath)
         } catch {
             logger.error("blksnapd: \(error); a blksnapd started after a crash will not find these devices")
+        }
+    }
+}
+
+// MARK: declared devices
+
+extension DataPlane {
+    /// Routes every declared device (blksnapd does this at start, before it
+    /// reports ready). A backing that is missing, changed size or cannot be
+    /// opened is skipped with a log line and its state kept for status;
+    /// every other device is still routed. A device already routed for the
+    /// same backing (taken over after a crash) gets its name.
+    @discardableResult
+    public func route(declared: DeclaredDevices) -> [DeclaredState] {
+        var states: [DeclaredState] = []
+        for d in declared.devices {
+            var state = DeclaredState(device: d, state: "routed", why: nil, devId: nil)
+            let existing = lock.withLock { routed.values.first { $0.backing == d.backing } }
+            do throws(BlksnapError) {
+                if let existing {
+                    state.devId = existing.made.devId
+                    if existing.name != d.name {
+                        logger.warning("blksnapd: \(d.backing) is routed already by \(existing.made.node); it keeps its name")
+                    }
+                } else {
+                    if !isURI(d.backing) {
+                        var st = stat()
+                        guard stat(d.backing, &st) == 0 else {
+                            state.state = "missing"
+                            throw BlksnapError(Errno(rawValue: errno), "\(d.backing) is not there")
+                        }
+                    }
+                    let backing = try openBacking(d.backing)
+                    if let size = d.sizeBytes, backing.size != size {
+                        state.state = "refused"
+                        throw BlksnapError(.invalidArgument, "\(d.backing) holds \(backing.size) bytes, not the declared \(size)")
+                    }
+                    let attached = try attach(backing: backing, label: d.backing, name: d.name)
+                    state.devId = resolve(attached.devId)
+                }
+            } catch {
+                if state.state == "routed" { state.state = "refused" }
+                state.why = error.message
+                logger.error("blksnapd: declared device \(d.name) (\(d.file):\(d.line)) is not routed: \(error.message)")
+            }
+            states.append(state)
+        }
+        lock.withLock { self.declared = states }
+        return states
+    }
+
+    /// The declared devices' states since the last `route(declared:)`,
+    /// with a device detached since shown as such.
+    public var declaredStates: [DeclaredState] {
+        lock.withLock {
+            declared.map { s in
+                var s = s
+                if s.state == "routed", let devId = s.devId, routed[devId] == nil { (s.state, s.why) = ("detached", nil) }
+                return s
+            }
+        }
+    }
+
+    /// Node of each device this plane made, by major:minor text, for status.
+    public var nodes: [String: String] {
+        lock.withLock {
+            var out: [String: String] = [:]
+            for r in routed.values { out[r.made.devId.description] = r.made.node }
+            for i in images.values { out[i.made.devId.description] = i.nodes.first ?? i.made.node }
+            return out
+        }
+    }
+
+    /// Name of each named routed device, by major:minor text, for status.
+    public var names: [String: String] {
+        lock.withLock {
+            var out: [String: String] = [:]
+            for r in routed.values { if let n = r.name { out[r.made.devId.description] = n } }
+            return out
         }
     }
 }

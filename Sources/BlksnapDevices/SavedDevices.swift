@@ -34,6 +34,8 @@ public struct SavedDevices: Codable, Equatable, Sendable {
         public var nodes: [String]?
         /// A dm device live-routed through this one.
         public var live: Live?
+        /// Routed devices: the name given with attach --name (its stable link).
+        public var declaredName: String?
 
         public init(kind: String, made: MadeDevice, backend: String, backing: String? = nil,
                     sizeBytes: UInt64? = nil, nodes: [String]? = nil) {

@@ -28,6 +28,19 @@ public final class CbtMap: @unchecked Sendable {
     private var _active: Int = 1
     private var _generationId: UUID16
     private var _isCorrupted = false
+    /// The durable shadow of the write map (a crash must not lose a mark):
+    /// told of every range after the map marks it and before the write is
+    /// acknowledged. Set before the map is reachable by writers.
+    var intent: WriteIntent?
+
+    /// Everything a map holds, as saved across a restart (`CbtStore`).
+    public struct State: Equatable, Sendable {
+        public var generationId: UUID16
+        public var previous: UInt8
+        public var active: UInt8
+        public var read: [UInt8]
+        public var write: [UInt8]
+    }
 
     public init(capacity: UInt64, settings: EngineSettings) {
         self.capacity = capacity
@@ -41,6 +54,42 @@ public final class CbtMap: @unchecked Sendable {
         readMap = .allocate(capacity: max(blockCount, 1))
         readMap.initialize(repeating: 0)
         _generationId = UUID16.random()
+    }
+
+    /// A map restored from `state`; nil when the state does not fit this
+    /// capacity under these settings (another block size or count), as a
+    /// map made with other module parameters cannot be compared block by block.
+    public convenience init?(capacity: UInt64, settings: EngineSettings, state: State) {
+        self.init(capacity: capacity, settings: settings)
+        guard state.read.count == blockCount, state.write.count == blockCount,
+              (1...255).contains(state.active),
+              state.previous == state.active - 1 || (state.active == 1 && state.previous == 255) else { return nil }
+        readMap.baseAddress!.update(from: state.read, count: blockCount)
+        writeMap.baseAddress!.update(from: state.write, count: blockCount)
+        _generationId = state.generationId
+        _previous = state.previous
+        _active = Int(state.active)
+    }
+
+    /// One consistent copy of the map, for saving.
+    public func state() -> State {
+        lock.withLock {
+            State(generationId: _generationId, previous: _previous, active: UInt8(_active),
+                  read: Array(readMap[0..<blockCount]), write: Array(writeMap[0..<blockCount]))
+        }
+    }
+
+    /// After a crash: a range the write-intent record holds counts as
+    /// written under the current number, which is what any write since the
+    /// last save was marked with (every TAKE saves), so the result is a
+    /// superset of the writes the crash interrupted.
+    func markWritten(offset: UInt64, length: UInt64) {
+        lock.withLock {
+            let end = min(offset + length, capacity)
+            guard end > offset, let range = blocks(offset: offset, length: end - offset) else { return }
+            let active = UInt8(_active)
+            for b in range where writeMap[b] < active { writeMap[b] = active }
+        }
     }
 
     deinit {
@@ -80,16 +129,20 @@ public final class CbtMap: @unchecked Sendable {
     public func set(offset: UInt64, length: UInt64) {
         guard length > 0 else { return }
         lock.lock()
-        defer { lock.unlock() }
-        guard !_isCorrupted else { return }
+        guard !_isCorrupted else { lock.unlock(); return }
         guard let range = blocks(offset: offset, length: length) else {
             // The engine bounds writes by the device, so this is a bug, and the
             // map can no longer be trusted: READ_CBT_MAP says so with EFAULT.
             _isCorrupted = true
+            lock.unlock()
             return
         }
         let active = UInt8(_active)
         for b in range where writeMap[b] < active { writeMap[b] = active }
+        lock.unlock()
+        // After the map, so a save that copies the map before this mark
+        // finds the region marked again (`WriteIntent.beginSync`).
+        intent?.mark(offset: offset, length: length)
     }
 
     /// Marks a block changed in both tables: a write to the snapshot image or
@@ -97,15 +150,16 @@ public final class CbtMap: @unchecked Sendable {
     /// reads this map sees the block as changed.
     public func setBoth(offset: UInt64, length: UInt64) throws(BlksnapError) {
         guard length > 0 else { return }
-        lock.lock()
-        defer { lock.unlock() }
-        guard !_isCorrupted else { throw BlksnapError(.invalidArgument, "CBT map is corrupted") }
-        guard let range = blocks(offset: offset, length: length) else {
-            throw BlksnapError(.invalidArgument, "range \(offset)+\(length) bytes is past the CBT map of \(blockCount) blocks")
+        try lock.withLock { () throws(BlksnapError) in
+            guard !_isCorrupted else { throw BlksnapError(.invalidArgument, "CBT map is corrupted") }
+            guard let range = blocks(offset: offset, length: length) else {
+                throw BlksnapError(.invalidArgument, "range \(offset)+\(length) bytes is past the CBT map of \(blockCount) blocks")
+            }
+            let active = UInt8(_active)
+            for b in range where writeMap[b] < active { writeMap[b] = active }
+            for b in range where readMap[b] < _previous { readMap[b] = _previous }
         }
-        let active = UInt8(_active)
-        for b in range where writeMap[b] < active { writeMap[b] = active }
-        for b in range where readMap[b] < _previous { readMap[b] = _previous }
+        intent?.mark(offset: offset, length: length)
     }
 
     /// Whether a sector range lies within the map (MARK_DIRTY checks first).

@@ -48,22 +48,58 @@ public final class Engine: @unchecked Sendable {
     /// Makes `backing` a routed device numbered `devId`: from now on the
     /// engine sees every write to it. The frontends call this when they
     /// attach a device.
+    ///
+    /// With a `store`, the CBT map saved for this backing is restored (a
+    /// tracker exists at once, with its generation and snapshot number), or
+    /// the reason it cannot be trusted is logged and tracking starts anew.
     @discardableResult
-    public func route(_ devId: DevId, backing: any BlockDevice) throws(BlksnapError) -> RoutedDevice {
+    public func route(_ devId: DevId, backing: any BlockDevice, store: CbtStore? = nil) throws(BlksnapError) -> RoutedDevice {
         try lock.withLock { () throws(BlksnapError) -> RoutedDevice in
             guard devices[devId] == nil else {
                 throw BlksnapError(.resourceBusy, "device \(devId) is routed already")
             }
-            let device = RoutedDevice(devId: devId, backing: backing)
+            let device = RoutedDevice(devId: devId, backing: backing, store: store)
             devices[devId] = device
             logger.info("blksnap: routing device \(devId) (\(backing.size) bytes)")
+            if let store {
+                let (map, outcome) = store.restore(capacity: device.size, settings: settings)
+                device.cbtOutcome = outcome
+                if let map {
+                    let t = Tracker(device: device, settings: settings, restoring: map)
+                    t.cbtOrigin = outcome.origin
+                    counters.countCbt(t.cbtOrigin)
+                    device.tracker = t
+                    trackers[devId] = t
+                    trackerOrder.append(devId)
+                    logger.notice("blksnap-tracker: device \(devId): CBT \(outcome), generation \(map.generationId), snapshot number \(map.snapNumberPrevious)")
+                } else if case .startedAnew = outcome {
+                    logger.warning("blksnap-tracker: device \(devId): CBT not restored, the next tracker starts a new generation: \(outcome)")
+                }
+            }
             return device
         }
     }
 
+    /// Saves every kept CBT map (blksnapd does this periodically, so after
+    /// a crash only what was written since needs the intent record).
+    public func saveCbt() {
+        let list = lock.withLock { trackerOrder.compactMap { trackers[$0] } }
+        for t in list { saveCbt(t, clean: false) }
+    }
+
+    private func saveCbt(_ t: Tracker, clean: Bool) {
+        guard let store = t.device.store else { return }
+        do throws(BlksnapError) {
+            try store.save(t.cbtMap, clean: clean)
+        } catch {
+            logger.error("blksnap-tracker: cannot save the CBT of \(t.devId): \(error)")
+        }
+    }
+
     /// Stops routing a device: refused while a snapshot names it. Its
-    /// tracker goes with it.
-    public func unroute(_ devId: DevId) throws(BlksnapError) {
+    /// tracker goes with it, its CBT map saved (`saveCbt: false` leaves
+    /// the saved state as it is: a device that never served a write).
+    public func unroute(_ devId: DevId, saveCbt save: Bool = true) throws(BlksnapError) {
         try lock.withLock { () throws(BlksnapError) in
             guard let device = devices[devId] else {
                 throw BlksnapError(.noSuchAddressOrDevice, "device \(devId) is not routed")
@@ -71,9 +107,12 @@ public final class Engine: @unchecked Sendable {
             if let tracker = trackers[devId], tracker.snapshot != nil {
                 throw BlksnapError(.resourceBusy, "device \(devId) is in a snapshot; destroy it first")
             }
-            if trackers[devId] != nil { detachTracker(devId) }
+            let tracker = trackers[devId]
+            if tracker != nil { detachTracker(devId) }
             devices[devId] = nil
             try device.flush()
+            // No write reaches the map any more: the state saved now is exact.
+            if let tracker, save { saveCbt(tracker, clean: true) }
             logger.info("blksnap: device \(devId) is no longer routed")
         }
     }
@@ -121,6 +160,7 @@ public final class Engine: @unchecked Sendable {
                 throw BlksnapError(.resourceBusy, "device \(devId) is in snapshot \(tracker.snapshot!.id)")
             }
             detachTracker(devId)
+            tracker.device.store?.forget()
             logger.info("blksnap-tracker: device \(devId) is no longer tracked")
         }
     }
@@ -194,6 +234,12 @@ public final class Engine: @unchecked Sendable {
                 if let t = trackers[d] { return t }
                 let device = devices[d]!
                 let t = Tracker(device: device, settings: settings)
+                do throws(BlksnapError) {
+                    try device.store?.start(t.cbtMap)
+                } catch {
+                    device.store?.forget()
+                    logger.error("blksnap-tracker: the CBT of \(d) will not outlive blksnapd: \(error)")
+                }
                 device.gate.lockExclusive()
                 device.tracker = t
                 device.gate.unlock()
@@ -317,6 +363,9 @@ public final class Engine: @unchecked Sendable {
             snapshot.diffAreas = areas
             snapshot.isTaken = true
             for t in ordered { t.device.gate.unlock() }
+            // The new numbers reach the disk before TAKE returns, so a crash
+            // never restores numbers older than those writes are marked with.
+            for t in ordered { saveCbt(t, clean: false) }
 
             for (t, area) in zip(snapshot.trackers, areas) {
                 let image = SnapImage(diffArea: area, cbtMap: t.cbtMap)

@@ -8,6 +8,11 @@ public struct EngineStatus: Codable, Sendable, Equatable {
         public var sizeBytes: UInt64
         public var backing: String
         public var tracked: Bool
+        /// How its CBT began: restored, restored after a crash, new (why), none saved.
+        public var cbt: String? = nil
+        /// Filled in by blksnapd: the node, and the name given with attach --name.
+        public var node: String? = nil
+        public var name: String? = nil
     }
     public struct TrackerInfo: Codable, Sendable, Equatable {
         public var devId: String
@@ -24,6 +29,8 @@ public struct EngineStatus: Codable, Sendable, Equatable {
         public var imageDevId: String
         public var storedChunks: Int
         public var corrupted: Bool
+        /// Filled in by blksnapd: /dev/blksnap-image<minor> (not always image0).
+        public var node: String? = nil
     }
     public struct SnapshotInfo: Codable, Sendable, Equatable {
         public var id: String
@@ -85,9 +92,10 @@ public enum CbtOrigin: String, Codable, Sendable, CaseIterable {
 /// One device of blksnapd's configuration, as `blksnapctl status` shows it.
 public struct DeclaredDevice: Codable, Sendable, Equatable {
     /// Routed; missing (its backing is not there); refused (there, but not
-    /// routed: changed size, held elsewhere, ...; `reason` says).
+    /// routed: changed size, held elsewhere, ...; `reason` says); detached
+    /// (routed at start, detached since).
     public enum State: String, Codable, Sendable, CaseIterable {
-        case routed, missing, refused
+        case routed, missing, refused, detached
     }
     public var name: String
     public var backing: String
@@ -137,7 +145,8 @@ extension Engine {
             let deviceInfos = devices.values.sorted { $0.devId < $1.devId }.map { d in
                 EngineStatus.Device(devId: d.devId.description, sizeBytes: d.size,
                                     backing: (d.backing as? Describable)?.displayName ?? "\(type(of: d.backing))",
-                                    tracked: trackers[d.devId] != nil)
+                                    tracked: trackers[d.devId] != nil,
+                                    cbt: d.store == nil ? nil : d.cbtOutcome.description)
             }
             return EngineStatus(devices: deviceInfos, trackers: trackerInfos, snapshots: snapshotInfos)
         }

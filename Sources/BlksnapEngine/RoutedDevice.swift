@@ -18,13 +18,18 @@ public final class RoutedDevice: BlockDevice, @unchecked Sendable {
     let gate = ReadWriteLock()
     /// Changed with `gate` exclusive.
     var tracker: Tracker?
+    /// Where this device's CBT map is kept across restarts (nil: nowhere).
+    public let store: CbtStore?
+    /// How its tracking began when it was routed; guarded by the engine's lock.
+    public internal(set) var cbtOutcome: CbtStore.Outcome = .none
     /// Requests and bytes routed, chunks copied on write: for metrics.
     public let counters = DeviceCounters()
 
-    init(devId: DevId, backing: any BlockDevice) {
+    init(devId: DevId, backing: any BlockDevice, store: CbtStore? = nil) {
         self.devId = devId
         self.backing = backing
         self.size = backing.size
+        self.store = store
     }
 
     public var alignment: Int { backing.alignment }

@@ -20,10 +20,10 @@ public final class Tracker: @unchecked Sendable {
     /// How this tracker's CBT began; whoever restores saved state sets it.
     public var cbtOrigin: CbtOrigin = .startedAnew
 
-    init(device: RoutedDevice, settings: EngineSettings) {
+    init(device: RoutedDevice, settings: EngineSettings, restoring map: CbtMap? = nil) {
         self.devId = device.devId
         self.device = device
-        self.cbtMap = CbtMap(capacity: device.size, settings: settings)
+        self.cbtMap = map ?? CbtMap(capacity: device.size, settings: settings)
     }
 
     /// Before a write (or discard) to the original lands: CBT first, then the

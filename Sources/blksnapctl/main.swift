@@ -68,11 +68,16 @@ struct Status: ParsableCommand {
             return
         }
         let status = try JSONDecoder().decode(EngineStatus.self, from: Data(payload))
+        // The CBT column says how tracking began, with why where the routed
+        // device knows it (a new generation's reason, regions after a crash).
+        let cbtDetail = Dictionary(status.devices.compactMap { d in d.cbt.map { (d.devId, $0) } }) { a, _ in a }
         print(Table.render(title: "declared devices", ["NAME", "STATE", "DEVICE", "CBT", "BACKING", "WHY"],
-                           status.declared.map { [$0.name, $0.state.rawValue, $0.link ?? $0.node ?? "-", $0.cbtOrigin.rawValue,
+                           status.declared.map { [$0.name, $0.state.rawValue, $0.link ?? $0.node ?? "-",
+                                                  $0.devId.flatMap { cbtDetail[$0] } ?? $0.cbtOrigin.rawValue,
                                                   $0.backing, $0.reason ?? ""] }))
-        print(Table.render(title: "routed devices", ["DEVICE", "SIZE", "TRACKED", "BACKING"],
-                           status.devices.map { [$0.devId, "\($0.sizeBytes)", $0.tracked ? "yes" : "no", $0.backing] }))
+        print(Table.render(title: "routed devices", ["DEVICE", "NODE", "NAME", "SIZE", "TRACKED", "CBT", "BACKING"],
+                           status.devices.map { [$0.devId, $0.node ?? "-", $0.name ?? "-", "\($0.sizeBytes)", $0.tracked ? "yes" : "no",
+                                                 $0.cbt ?? "-", $0.backing] }))
         print(Table.render(title: "trackers", ["DEVICE", "BLOCK", "BLOCKS", "SNAP#", "GENERATION", "CBT", "SNAPSHOT"],
                            status.trackers.map { ["\($0.devId)", "\($0.blockSize)", "\($0.blockCount)", "\($0.snapNumber)",
                                                   $0.generationId, $0.cbtOrigin.rawValue, $0.snapshot ?? "-"] }))
@@ -80,12 +85,12 @@ struct Status: ParsableCommand {
                            status.snapshots.map { [$0.id, $0.taken ? "yes" : "no", $0.corrupted ? "yes" : "no",
                                                    $0.devices.joined(separator: ","),
                                                    "\($0.storageFilledSectors)/\($0.storageCapacitySectors)"] }))
-        // An image's node is its export's name: where loop0 or nbd0 was
-        // taken, the first image is not /dev/blksnap-image0.
+        // An image's node is its export's name where blksnapd did not say:
+        // where loop0 or nbd0 was taken, the first image is not /dev/blksnap-image0.
         let nodes = Dictionary(status.exports.map { ($0.devId, "/dev/" + $0.name) }) { a, _ in a }
         print(Table.render(title: "images", ["IMAGE", "NODE", "ORIGINAL", "STORED CHUNKS", "CORRUPTED"],
                            status.snapshots.flatMap(\.images).map {
-                               [$0.imageDevId, nodes[$0.imageDevId] ?? "-", $0.originalDevId, "\($0.storedChunks)",
+                               [$0.imageDevId, $0.node ?? nodes[$0.imageDevId] ?? "-", $0.originalDevId, "\($0.storedChunks)",
                                 $0.corrupted ? "yes" : "no"]
                            }))
         print(Table.render(title: "NBD exports", ["NAME", "DEVICE", "URI"],
@@ -112,6 +117,11 @@ struct Attach: ParsableCommand {
             device node and its major:minor; track and snapshot that device, \
             and use it instead of BACKING from now on.
 
+            --name NAME also makes the stable link /dev/disk/by-blksnap/NAME \
+            (for /etc/fstab and scripts); --persist declares the device in \
+            blksnapd's configuration (/etc/blksnap/devices.conf), so every \
+            later start routes it again, with its change tracking.
+
             With --live, BACKING is a device-mapper device (an LVM volume: \
             /dev/VG/LV, /dev/mapper/NAME, /dev/dm-N) that may stay mounted and \
             written: it keeps its name and number, and its writes pass through \
@@ -120,6 +130,7 @@ struct Attach: ParsableCommand {
 
             Examples:
               blksnapctl attach /var/lib/disks/vm1.img --size 10G   # prints: /dev/loop64 7:64
+              blksnapctl attach --name vm1 --persist /var/lib/disks/vm1.img
               blksnapctl attach /dev/sdb
               blksnapctl attach 'nbd+unix:///disk?socket=/run/qsd/nbd.sock'
               blksnapctl attach nbd://backup-host/vm2
@@ -137,8 +148,15 @@ struct Attach: ParsableCommand {
     @Flag(help: "Route a mounted device-mapper device in place, without unmounting it.")
     var live = false
 
+    @Option(help: "A name for the device: the stable link /dev/disk/by-blksnap/NAME.")
+    var name: String?
+
+    @Flag(help: "Declare the device (needs --name), so blksnapd routes it at every start.")
+    var persist = false
+
     func validate() throws {
         if live && size != nil { throw ValidationError("--live routes a device as it is; --size does not apply") }
+        if persist && name == nil { throw ValidationError("--persist needs --name") }
     }
 
     func run() throws {
@@ -147,15 +165,15 @@ struct Attach: ParsableCommand {
             var cwd = [CChar](repeating: 0, count: 4096)
             path = String(cString: getcwd(&cwd, cwd.count)) + "/" + path
         }
-        struct Request: Codable { var backing: String; var size: UInt64?; var live: Bool? }
+        struct Request: Codable { var backing: String; var size: UInt64?; var live: Bool?; var name: String?; var persist: Bool? }
         let client = try ControlClient(path: options.socket)
-        let request = Request(backing: path, size: size?.bytes, live: live ? true : nil)
+        let request = Request(backing: path, size: size?.bytes, live: live ? true : nil, name: name, persist: persist ? true : nil)
         let (result, payload) = try client.request(type: BLKSNAP_CONTROL_ATTACH.rawValue,
                                                    payload: Array(try JSONEncoder().encode(request)))
         guard result == 0 else { throw failure("attach", result, payload) }
-        struct Attached: Codable { var node: String; var devId: String }
+        struct Attached: Codable { var node: String; var devId: String; var link: String? }
         let attached = try JSONDecoder().decode(Attached.self, from: Data(payload))
-        print("\(attached.node) \(attached.devId)")
+        print("\(attached.node) \(attached.devId)" + (attached.link.map { " " + $0 } ?? ""))
     }
 }
 
@@ -163,29 +181,37 @@ struct Detach: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Stop routing a device: flushes it and leaves its backing store consistent.",
         discussion: """
-            Refused while the device is in a snapshot or mounted. With --live, \
-            a live-routed device-mapper device gets its own table back while \
-            it stays mounted.
+            Refused while the device is in a snapshot or mounted. Its CBT map \
+            is saved, so attaching the same backing again carries on with it. \
+            With --live, a live-routed device-mapper device gets its own table \
+            back while it stays mounted. --forget also removes the device's \
+            declaration (and a declared device that is not routed, named by \
+            NAME, loses its declaration).
 
             Examples:
               blksnapctl detach /dev/loop64
               blksnapctl detach 7:64
               blksnapctl detach --live /dev/vg0/data
+              blksnapctl detach --forget vm1
             """)
 
     @OptionGroup var options: SocketOption
 
-    @Argument(help: "The routed device: its node (/dev/loop64, /dev/vg0/data) or major:minor.")
+    @Argument(help: "The routed device: its name, /dev/disk/by-blksnap link, node (/dev/loop64, /dev/vg0/data) or major:minor.")
     var device: String
 
     @Flag(help: "Undo attach --live: the device-mapper device gets its own table back, live.")
     var live = false
 
+    @Flag(help: "Also remove its declaration from blksnapd's configuration.")
+    var forget = false
+
     func run() throws {
-        struct Request: Codable { var device: String; var live: Bool? }
+        struct Request: Codable { var device: String; var live: Bool?; var forget: Bool? }
         let client = try ControlClient(path: options.socket)
+        let request = Request(device: device, live: live ? true : nil, forget: forget ? true : nil)
         let (result, payload) = try client.request(type: BLKSNAP_CONTROL_DETACH.rawValue,
-                                                   payload: Array(try JSONEncoder().encode(Request(device: device, live: live ? true : nil))))
+                                                   payload: Array(try JSONEncoder().encode(request)))
         guard result == 0 else { throw failure("detach", result, payload) }
     }
 }

@@ -25,9 +25,32 @@ struct Blksnapd: ParsableCommand {
         discussion: """
             Serves the blksnap v1 interface without a kernel module. State lives \
             under --state-dir (default /run/blksnap). Stop it with SIGINT or \
-            SIGTERM: snapshots are destroyed, original devices keep their data. \
+            SIGTERM: snapshots are destroyed, original devices keep their data, \
+            and every CBT map is saved. \
             Started by systemd (blksnapd.service, Type=notify), it reports ready \
-            on $NOTIFY_SOCKET once it serves, and stopping when a signal comes.
+            on $NOTIFY_SOCKET once it serves and every declared device is routed, \
+            and stopping when a signal comes.
+
+            Declared devices: every *.conf file of --config-dir (default \
+            /etc/blksnap), read in name order, holds one device per line, \
+            routed at every start before blksnapd is ready:
+
+              # NAME   BACKING                          [size=BYTES]
+              vm1      /var/lib/disks/vm1.img           size=10G
+              data     /dev/sdb
+              remote   nbd+unix:///disk?socket=/run/qsd.sock
+
+            NAME (letters, digits, '.', '_', '-'; at most 64) gets the stable \
+            link /dev/disk/by-blksnap/NAME. BACKING is an absolute path or an \
+            NBD URI, without spaces; size= (bytes, or K, M, G, T) is the size it \
+            must have. `blksnapctl attach --name NAME --persist BACKING` appends \
+            a line to devices.conf, `blksnapctl detach --forget NAME` removes it. \
+            A malformed file stops blksnapd with its name and line; a missing \
+            or resized backing is skipped (blksnapctl status says why).
+
+            Change tracking survives restarts, reboots and crashes: each \
+            device's CBT map is saved in --cbt-dir (default /var/lib/blksnap) \
+            and restored when the same backing is attached again.
 
             Examples:
               blksnapd                                   # defaults; run as root
@@ -35,8 +58,18 @@ struct Blksnapd: ParsableCommand {
               blksnapd --devices fuse --mode shim        # FUSE+loop devices, preload shim
               blksnapd --metrics 127.0.0.1:9177          # Prometheus text at /metrics
               blksnapd --nbd-tcp 127.0.0.1:10809         # NBD exports over TCP too
+              blksnapd --config-dir /etc/blksnap --cbt-dir /var/lib/blksnap
               systemctl start blksnapd                   # as installed by tools/install
             """)
+
+    @Option(help: "Directory of the declared-device files (*.conf).")
+    var configDir = "/etc/blksnap"
+
+    @Option(help: "Directory where CBT maps and write-intent records are kept across restarts ('none': not kept, as with the module).")
+    var cbtDir = "/var/lib/blksnap"
+
+    @Option(help: "Seconds between saves of every CBT map; a crash marks as written at most the regions written since the last one.")
+    var cbtSaveInterval: UInt64 = 60
 
     @Option(help: "Directory for the lock file and sockets.")
     var stateDir = "/run/blksnap"
@@ -133,6 +166,7 @@ struct Blksnapd: ParsableCommand {
         guard (9...26).contains(trackingBlockMinimumShift), (9...26).contains(chunkMinimumShift) else {
             throw ValidationError("shifts must lie between 9 (512 bytes) and 26 (64 MiB)")
         }
+        guard (1...86400).contains(cbtSaveInterval) else { throw ValidationError("--cbt-save-interval lies between 1 and 86400 seconds") }
         guard nbdRequestTimeout >= 1, nbdDeadTimeout >= 1 else { throw ValidationError("NBD timeouts are at least 1 second") }
         guard diffStorageMinimum >= 16 else { throw ValidationError("--diff-storage-minimum is too small") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown log level \(logLevel)") }
@@ -153,6 +187,8 @@ struct Blksnapd: ParsableCommand {
 
         let state = try StateDirectory(path: stateDir)
         defer { state.release() }
+        // A malformed declaration stops blksnapd before anything is made.
+        let declared = try DeclaredDevices.load(directory: configDir)
 
         // Signals are taken synchronously so shutdown runs on this thread,
         // never inside a signal handler.
@@ -200,7 +236,8 @@ struct Blksnapd: ParsableCommand {
         // devices.json: what a blksnapd started after this one was killed
         // finds and serves again (kernel NBD) or undoes.
         let dataPlane = DataPlane(maker: maker, logger: logger, listPath: stateDir + "/devices.json",
-                                  openURI: { uri throws(BlksnapError) in try NbdBlockDevice(uri: uri) })
+                                  openURI: { uri throws(BlksnapError) in try NbdBlockDevice(uri: uri) },
+                                  cbtDirectory: cbtDir == "none" ? nil : cbtDir, cbtSyncIntervalSeconds: Int64(cbtSaveInterval), devDirectory: "/dev")
         let engine = Engine(settings: settings, hooks: dataPlane, logger: logger, logFile: logFile)
         let exports = ExportList()
         let exportLogger = logger
@@ -224,17 +261,25 @@ struct Blksnapd: ParsableCommand {
         }
         try dataPlane.start(engine: engine)
         defer { dataPlane.stop() }
+        let declaredStates = dataPlane.route(declared: declared)
+        let saver = CbtSaver()
+        saver.start(engine: engine, intervalSeconds: cbtSaveInterval)
+        defer { saver.stop() }
 
         let control = Control(engine: engine)
         let server = ControlServer(path: stateDir + "/control.sock", control: control, logger: logger)
         let status: @Sendable () -> EngineStatus = { [weak engine] in
             var status = engine?.status() ?? EngineStatus(devices: [], trackers: [], snapshots: [])
             status.exports = exports.all
+            DeviceRequests.describe(&status, dataPlane, engine)
             return status
         }
         server.status = status
         let requestLogger = logger
-        server.deviceRequests = { type, payload in DeviceRequests.answer(type, payload, dataPlane, logger: requestLogger) }
+        let configDir = configDir
+        server.deviceRequests = { type, payload in
+            DeviceRequests.answer(type, payload, dataPlane, configDir: configDir, logger: requestLogger)
+        }
         try server.start()
         defer { server.stop() }
 
@@ -263,8 +308,11 @@ struct Blksnapd: ParsableCommand {
             return responder
         }
         defer { metricsServer?.stop() }
-        logger.info("blksnapd: engine ready (diff-storage-minimum \(settings.diffStorageMinimum) sectors, state in \(stateDir))")
-        // Only now may systemd start what is ordered after us (fstab's mounts).
+        // Ready: every declared device is routed (or skipped, with why).
+        let routedCount = declaredStates.filter { $0.state == "routed" }.count
+        logger.info("blksnapd: engine ready (diff-storage-minimum \(settings.diffStorageMinimum) sectors, state in \(stateDir), \(routedCount) of \(declaredStates.count) declared device(s) routed)")
+        // Only now may systemd start what is ordered after us (fstab's
+        // mounts, which may name /dev/disk/by-blksnap/NAME).
         let notify = SystemdNotify()
         do { try notify.ready(status: "serving \(engine.routedDevices.count) routed device(s)") } catch {
             logger.warning("blksnapd: \(error)")
@@ -319,25 +367,46 @@ struct StateDirectory {
 
 /// blksnapctl attach and detach, as JSON over the control socket.
 enum DeviceRequests {
-    struct Attach: Codable { var backing: String; var size: UInt64?; var live: Bool? }
-    struct Detach: Codable { var device: String; var live: Bool? }
+    struct Attach: Codable { var backing: String; var size: UInt64?; var live: Bool?; var name: String?; var persist: Bool? }
+    struct Detach: Codable { var device: String; var live: Bool?; var forget: Bool? }
     struct Message: Codable { var error: String }
 
-    static func answer(_ type: UInt32, _ payload: [UInt8], _ plane: DataPlane, logger: Logger) -> (Int32, [UInt8]) {
+    static func answer(_ type: UInt32, _ payload: [UInt8], _ plane: DataPlane, configDir: String,
+                       logger: Logger) -> (Int32, [UInt8]) {
         do {
             switch type {
             case BLKSNAP_CONTROL_ATTACH.rawValue:
                 let request = try JSONDecoder().decode(Attach.self, from: Data(payload))
+                if request.persist == true && request.name == nil {
+                    throw BlksnapError(.invalidArgument, "--persist declares a device by its name; give one with --name")
+                }
                 let attached = request.live == true
                     ? try plane.attachLive(request.backing)
-                    : try plane.attach(backing: request.backing, size: request.size)
+                    : try plane.attach(backing: request.backing, size: request.size, name: request.name)
+                if request.persist == true, let name = request.name {
+                    do {
+                        try DeclaredDevices.declare(.init(name: name, backing: request.backing, sizeBytes: attached.sizeBytes),
+                                                    in: configDir)
+                    } catch {
+                        if let devId = plane.resolve(attached.devId) { try? plane.detach(devId) }
+                        throw error
+                    }
+                }
                 return (0, Array(try JSONEncoder().encode(attached)))
             default:
                 let request = try JSONDecoder().decode(Detach.self, from: Data(payload))
-                guard let devId = plane.resolve(request.device) else {
+                let devId = plane.resolve(request.device)
+                let name = devId.flatMap { plane.name(of: $0) } ?? request.device
+                if let devId {
+                    if request.live == true { try plane.detachLive(devId) } else { try plane.detach(devId) }
+                } else if request.forget != true {
                     throw BlksnapError(.noSuchAddressOrDevice, "\(request.device) is not a routed device")
                 }
-                if request.live == true { try plane.detachLive(devId) } else { try plane.detach(devId) }
+                if request.forget == true {
+                    guard try DeclaredDevices.forget(name, in: configDir) || devId != nil else {
+                        throw BlksnapError(.noSuchAddressOrDevice, "\(request.device) is neither routed nor declared")
+                    }
+                }
                 return (0, [])
             }
         } catch let error as BlksnapError {
@@ -345,6 +414,31 @@ enum DeviceRequests {
             return (-error.errno.rawValue, Array((try? JSONEncoder().encode(Message(error: error.message))) ?? Data()))
         } catch {
             return (-EINVAL, Array((try? JSONEncoder().encode(Message(error: "malformed request: \(error)"))) ?? Data()))
+        }
+    }
+}
+
+extension DeviceRequests {
+    /// What only the data plane knows: nodes, names, declared devices.
+    static func describe(_ status: inout EngineStatus, _ plane: DataPlane, _ engine: Engine?) {
+        let nodes = plane.nodes
+        let names = plane.names
+        for i in status.devices.indices {
+            status.devices[i].node = nodes[status.devices[i].devId]
+            status.devices[i].name = names[status.devices[i].devId]
+        }
+        for s in status.snapshots.indices {
+            for i in status.snapshots[s].images.indices {
+                status.snapshots[s].images[i].node = nodes[status.snapshots[s].images[i].imageDevId]
+            }
+        }
+        status.declared = plane.declaredStates.map { d in
+            let devId = d.devId?.description
+            return DeclaredDevice(
+                name: d.device.name, backing: d.device.backing, state: DeclaredDevice.State(rawValue: d.state) ?? .refused,
+                reason: d.why, node: devId.flatMap { nodes[$0] }, devId: devId,
+                link: d.state == "routed" ? "/dev/disk/by-blksnap/\(d.device.name)" : nil,
+                cbtOrigin: d.state == "routed" ? d.devId.flatMap { engine?.routedDevice($0)?.cbtOutcome.origin } ?? .none : .none)
         }
     }
 }

@@ -1,0 +1,150 @@
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The write-intent record of one tracked device, in the spirit of md's
+/// write-intent bitmap: a file with one byte per region of the device.
+///
+/// Before the first write to a region since the record was last synced is
+/// acknowledged, the region's byte is written and the file fdatasync'd, so
+/// after a crash (kill -9, power loss) every region that may hold a write
+/// the saved CBT table lacks is marked; the restored map counts each marked
+/// region as written. A region already marked costs one lock and one byte
+/// load per write, which is what keeps the record cheap.
+///
+/// Regions are cleared lazily by `CbtStore.save`: `beginSync` forgets the
+/// marks in memory (later writes mark again), the CBT table is copied and
+/// saved, then `finishSync` rewrites the file with only the marks made
+/// since `beginSync`. Since `CbtMap.set` marks the map before it calls
+/// `mark`, a write the saved copy lacks marked its region after
+/// `beginSync`, so its mark survives `finishSync`. Each byte of the file
+/// only ever goes from its old value to its new one, and the old marks are
+/// a superset of the new, so a crash halfway through `finishSync` leaves a
+/// superset too.
+///
+/// Layout: a 4096-byte header (magic, region shift, region count, a
+/// CRC-32C of those), then `regionCount` bytes, 1 for marked.
+/// `lock` guards `marked` and every write to the file.
+public final class WriteIntent: @unchecked Sendable {
+    public let path: String
+    public let regionShift: Int
+    public let regionCount: Int
+    private let lock = Lock()
+    private let marked: UnsafeMutableBufferPointer<UInt8>
+    private var fd: Int32
+    private var _isBroken = false
+    private var _syncs = 0
+
+    static let magic: [UInt8] = Array("BSWINT01".utf8)
+    static let headerSize = 4096
+
+    /// Regions of at least 1 MiB, and never smaller than a tracking block,
+    /// so the record is at most one byte per tracking block.
+    public static func regionShift(blockShift: Int) -> Int { max(20, blockShift) }
+
+    private init(path: String, fd: Int32, regionShift: Int, regionCount: Int) {
+        (self.path, self.fd, self.regionShift, self.regionCount) = (path, fd, regionShift, regionCount)
+        marked = .allocate(capacity: max(regionCount, 1))
+        marked.initialize(repeating: 0)
+    }
+
+    deinit {
+        close()
+        marked.deallocate()
+    }
+
+    /// A new record with nothing marked, replacing any file at `path`
+    /// (written aside, fsync'd and renamed, so a crash leaves one or the other).
+    public static func create(path: String, regionShift: Int, capacity: UInt64) throws(BlksnapError) -> WriteIntent {
+        let count = Int((capacity + (1 << UInt64(regionShift)) - 1) >> UInt64(regionShift))
+        var bytes = header(regionShift: regionShift, regionCount: count)
+        bytes += [UInt8](repeating: 0, count: count)
+        try DurableFile.replace(path, with: bytes)
+        let fd = open(path, O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { throw BlksnapError(Errno(rawValue: errno), "cannot open \(path)") }
+        return WriteIntent(path: path, fd: fd, regionShift: regionShift, regionCount: count)
+    }
+
+    /// The regions an existing record marks, checked against the geometry
+    /// the device has now; an error says why the record cannot be used.
+    public static func markedRegions(path: String, regionShift: Int, capacity: UInt64) throws(BlksnapError) -> [Int] {
+        let count = Int((capacity + (1 << UInt64(regionShift)) - 1) >> UInt64(regionShift))
+        let bytes = try DurableFile.read(path, atMost: headerSize + count + 1)
+        guard bytes.count >= headerSize, Array(bytes[0..<headerSize]) == header(regionShift: regionShift, regionCount: count) else {
+            throw BlksnapError(.invalidArgument, "\(path) is not a write-intent record of this device's geometry")
+        }
+        guard bytes.count == headerSize + count else {
+            throw BlksnapError(.invalidArgument, "\(path) holds \(bytes.count - headerSize) regions, not \(count)")
+        }
+        return (0..<count).filter { bytes[headerSize + $0] != 0 }
+    }
+
+    static func header(regionShift: Int, regionCount: Int) -> [UInt8] {
+        var h = ByteWriter()
+        h.append(magic)
+        h.append(UInt32(regionShift))
+        h.append(UInt64(regionCount))
+        h.append(CRC32C.checksum(h.bytes))
+        return h.bytes + [UInt8](repeating: 0, count: headerSize - h.bytes.count)
+    }
+
+    /// Whether a mark could not be made durable: then a crash could lose a
+    /// write, so `CbtStore` keeps no state that a crash would restore.
+    public var isBroken: Bool { lock.withLock { _isBroken } }
+
+    /// How many marks reached the disk (for tests and benchmarks).
+    public var syncCount: Int { lock.withLock { _syncs } }
+
+    /// Called by `CbtMap` after it marks a range, before the write goes on.
+    @inline(__always)
+    func mark(offset: UInt64, length: UInt64) {
+        guard length > 0 else { return }
+        let first = Int(offset >> UInt64(regionShift))
+        let last = min(Int((offset + length - 1) >> UInt64(regionShift)), regionCount - 1)
+        guard first <= last else { return }
+        lock.lock()
+        defer { lock.unlock() }
+        var missing = false
+        for r in first...last where marked[r] == 0 {
+            marked[r] = 1
+            missing = true
+        }
+        guard missing, fd >= 0 else { return }
+        let one: [UInt8] = Array(marked[first...last])
+        let written = one.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(Self.headerSize + first)) }
+        if written != one.count || fdatasync(fd) != 0 {
+            _isBroken = true
+        }
+        _syncs += 1
+    }
+
+    /// A save is about to copy the CBT map: marks made from now on are
+    /// written to the file again.
+    func beginSync() {
+        lock.withLock { marked.update(repeating: 0) }
+    }
+
+    /// The saved map holds every write marked before `beginSync`: the file
+    /// keeps only the marks made since.
+    func finishSync() throws(BlksnapError) {
+        try lock.withLock { () throws(BlksnapError) in
+            guard fd >= 0 else { return }
+            let n = pwrite(fd, marked.baseAddress, regionCount, off_t(Self.headerSize))
+            guard n == regionCount, fdatasync(fd) == 0 else {
+                _isBroken = true
+                throw BlksnapError(Errno(rawValue: errno), "cannot clear the write-intent record \(path)")
+            }
+        }
+    }
+
+    /// How many regions are marked in memory.
+    public var markedCount: Int { lock.withLock { marked.reduce(0) { $0 + Int($1) } } }
+
+    public func close() {
+        lock.withLock {
+            if fd >= 0 { Glibc.close(fd) }
+            fd = -1
+        }
+    }
+}
