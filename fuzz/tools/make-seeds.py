@@ -115,7 +115,9 @@ for (conn, direction), (data, starts) in sorted(s.items()):
             continue
         created = None
         for address, b in writes:
-            if result == 0 and address == f["argument"] and len(b) == 24:
+            # SNAPSHOT_CREATE ('V', 5) gives back its 32-byte struct, the id at 16.
+            if (f["command"] & 0xFFFF == 0x5605 and result == 0 and address == f["argument"]
+                    and len(b) == 32):
                 created = b[16:32]
         calls.append((position(starts, f["offset"]), bytes(data[f["offset"]:f["end"]]), created))
 calls.sort(key=lambda c: c[0])
@@ -128,8 +130,14 @@ for call in calls:
     size += len(call[1])
 if run:
     runs.append(run)
+# A run that names a snapshot made before it starts with the CREATE that
+# made it, so that every run stands alone.
+creates = {created: (pos, frame, created) for pos, frame, created in calls if created}
 seeds = []
 for run in runs:
+    inside = {c for _, _, c in run if c}
+    needed = sorted({creates[i] for i in creates if i not in inside and any(i in f for _, f, _ in run)})
+    run = needed + run
     blob, made = b"", []
     for _, frame, created in run:
         for i, real in enumerate(made):
