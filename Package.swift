@@ -7,6 +7,8 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .library(name: "BlksnapEngine", targets: ["BlksnapEngine"]),
+        // For the fuzz harnesses (fuzz/Package.swift), a package of their own.
+        .library(name: "BlksnapParsers", targets: ["CBlksnapABI", "BlksnapABI", "BlksnapCUSE", "BlksnapNBD", "BlksnapShimServer"]),
         .executable(name: "blksnapd", targets: ["blksnapd"]),
         .executable(name: "blksnapctl", targets: ["blksnapctl"]),
         .executable(name: "blksnap-backup", targets: ["blksnap-backup"]),

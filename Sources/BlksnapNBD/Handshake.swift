@@ -81,8 +81,9 @@ final class Handshake {
         greeting.u16(NBD.flagFixedNewstyle | NBD.flagNoZeroes)
         guard stream.send(greeting.bytes) else { return .closed("client went away before the greeting") }
         guard let raw = stream.receive(count: 4) else { return .closed("client sent no flags") }
-        var r = raw.withUnsafeBytes { WireReader($0) }
-        let clientFlags = r.u32()!
+        // A WireReader holds a pointer into the array: it must not outlive
+        // the closure (the array may be freed right after it).
+        let clientFlags = raw.withUnsafeBytes { var r = WireReader($0); return r.u32()! }
         guard clientFlags & ~(NBD.clientFixedNewstyle | NBD.clientNoZeroes) == 0 else {
             return .closed("unknown client flags 0x\(String(clientFlags, radix: 16))")
         }
@@ -90,8 +91,10 @@ final class Handshake {
 
         while true {
             guard let header = stream.receive(count: 16) else { return .closed("client went away during options") }
-            var h = header.withUnsafeBytes { WireReader($0) }
-            let magic = h.u64()!, option = h.u32()!, length = h.u32()!
+            let (magic, option, length) = header.withUnsafeBytes { raw in
+                var h = WireReader(raw)
+                return (h.u64()!, h.u32()!, h.u32()!)
+            }
             guard magic == NBD.optionMagic else {
                 return .closed("bad option magic 0x\(String(magic, radix: 16))")
             }
