@@ -43,7 +43,8 @@ check "restore refuses an ambiguous device" bash -c "! '$blksnapctl' exec -- '$b
 # --- a new CBT generation: the tracker removed and created again
 blksnap remove "$dev_b"
 write_file "$scratch/ma/five" 1
-backup incremental --device "$a" --device "$b" --to "$repo" --storage "$storage" > "$scratch/gen.out" 2> "$scratch/gen.err"
+backup incremental --device "$a" --device "$b" --to "$repo" --storage "$storage" > "$scratch/gen.out" 2> "$scratch/gen.err" ||
+    { echo "# the backup after the new generation failed:"; sed 's/^/#   /' "$scratch/gen.err"; false; }
 check "a new CBT generation forces a full backup" test "$(manifest_field "$repo" 3 "m['kind']")" = "full"
 check "... and says why" grep -q "new CBT generation" "$scratch/gen.err"
 check "... in the manifest too" test "$(manifest_field "$repo" 3 "'generation' in m['fallbackReason']")" = True
@@ -54,10 +55,11 @@ umount "$scratch/mb"
 truncate -s 64M "$scratch/b.img"
 read -r dev_b2 _ < <(attach "$scratch/b.img" 64M)
 ln -sfn "$dev_b2" "$scratch/disk-b"
-resize2fs -f "$dev_b2" >/dev/null 2>&1
+resize2fs -f "$dev_b2" >"$scratch/resize.out" 2>&1 || { echo "# resize2fs failed:"; sed "s/^/#   /" "$scratch/resize.out"; false; }
 mount_at "$dev_b2" "$scratch/mb"
 record "$scratch/mb" "$scratch/rec-b4"
-backup incremental --device "$a" --device "$b" --to "$repo" --storage "$storage" > "$scratch/size.out" 2> "$scratch/size.err"
+backup incremental --device "$a" --device "$b" --to "$repo" --storage "$storage" > "$scratch/size.out" 2> "$scratch/size.err" ||
+    { echo "# the backup after the resize failed:"; sed 's/^/#   /' "$scratch/size.err"; false; }
 check "a resized device forces a full backup" test "$(manifest_field "$repo" 4 "m['kind'], m['devices'][1]['sizeBytes']")" = "full $((64 << 20))"
 check "... and says why" grep -q "changed size" "$scratch/size.err"
 backup restore --from "$repo" --backup 4 --device disk-b --to "$scratch/r4b.img" >/dev/null

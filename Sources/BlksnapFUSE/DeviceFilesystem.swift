@@ -72,10 +72,20 @@ public final class DeviceFilesystem: @unchecked Sendable {
         return mountpoint + "/" + name
     }
 
+    /// Removes a file and makes the kernel forget it at once: a file of
+    /// the same name and inode number may follow within the entry and
+    /// attribute timeouts (a loop index used again, an image after an
+    /// image), and a loop device set up on it must see the new file's
+    /// size, not the cached size of the one before.
     public func remove(name: String) {
-        lock.withLock {
-            if let ino = byName.removeValue(forKey: name) { entries[ino] = nil }
+        let (ino, se) = lock.withLock { () -> (fuse_ino_t?, OpaquePointer?) in
+            let ino = byName.removeValue(forKey: name)
+            if let ino { entries[ino] = nil }
+            return (ino, session)
         }
+        guard let ino, let se else { return }
+        _ = name.withCString { fuse_lowlevel_notify_inval_entry(se, fuse_ino_t(FUSE_ROOT_ID), $0, strlen($0)) }
+        _ = fuse_lowlevel_notify_inval_inode(se, ino, -1, 0)
     }
 
     func entry(_ ino: fuse_ino_t) -> Entry? { lock.withLock { entries[ino] } }
