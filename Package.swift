@@ -46,7 +46,7 @@ let package = Package(
         // Frontends: each a way into the engine, holding no blksnap logic.
         .target(name: "BlksnapCUSE", dependencies: ["BlksnapEngine", "CBlksnapABI", "CFuse3"]),
         .target(name: "BlksnapLibnbd", dependencies: ["BlksnapEngine", "CLibnbd"]),
-        .target(name: "BlksnapDevices", dependencies: ["BlksnapEngine", "CBlksnapLinux"]),
+        .target(name: "BlksnapDevices", dependencies: ["BlksnapABI", "BlksnapEngine", "CBlksnapLinux"]),
         .target(
             name: "BlksnapFUSE",
             dependencies: [

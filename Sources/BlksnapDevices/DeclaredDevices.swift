@@ -1,3 +1,4 @@
+import BlksnapABI
 import BlksnapEngine
 import SystemPackage
 #if canImport(Glibc)
@@ -122,18 +123,8 @@ public struct DeclaredDevices: Equatable, Sendable {
         return out
     }
 
-    /// 1048576, 512M, 10G: powers of 1024.
-    public static func parseSize(_ text: String) -> UInt64? {
-        let shifts: [Character: UInt64] = ["K": 10, "M": 20, "G": 30, "T": 40]
-        var digits = Substring(text)
-        var shift: UInt64 = 0
-        if let last = digits.last?.uppercased().first, let s = shifts[last] {
-            shift = s
-            digits = digits.dropLast()
-        }
-        guard let n = UInt64(digits), n <= UInt64.max >> shift else { return nil }
-        return n << shift
-    }
+    /// 1048576, 512M, 10G: powers of 1024, as blksnapctl's --size.
+    public static func parseSize(_ text: String) -> UInt64? { ByteCount(text)?.bytes }
 
     /// Appends a declaration to `directory`/devices.conf (made if missing),
     /// refused when the name is declared anywhere already.
