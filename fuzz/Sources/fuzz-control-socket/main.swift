@@ -102,14 +102,6 @@ public func fuzzOneInput(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
     return 0
 }
 
-func eventually(_ condition: () -> Bool) -> Bool {
-    for _ in 0..<1000 {
-        if condition() { return true }
-        usleep(1000)
-    }
-    return condition()
-}
-
 /// Serves one connection and checks the replies; returns the peer thread.
 func converse(_ bytes: [UInt8], _ engine: Engine) -> Background {
     let (stream, expected, certain) = frames(bytes)

@@ -86,14 +86,6 @@ public func fuzzOneInput(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
     return 0
 }
 
-func eventually(_ condition: () -> Bool) -> Bool {
-    for _ in 0..<1000 {
-        if condition() { return true }
-        usleep(1000)
-    }
-    return condition()
-}
-
 let nbdErrors: Set<UInt32> = [NBD.ePerm, NBD.eIO, NBD.eNoMem, NBD.eInval, NBD.eNoSpc, NBD.eOverflow,
                               NBD.eNotSup, NBD.eShutdown]
 
