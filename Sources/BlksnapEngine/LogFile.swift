@@ -82,8 +82,7 @@ public struct LogFileHandler: LogHandler {
         set { metadata[key] = newValue }
     }
 
-    public func log(level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?,
-                    source: String, file: String, function: String, line: UInt) {
-        self.file.append(printkLevel: LogFile.printkLevel(level), message.description)
+    public func log(event: LogEvent) {
+        file.append(printkLevel: LogFile.printkLevel(event.level), event.message.description)
     }
 }
