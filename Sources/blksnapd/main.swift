@@ -35,16 +35,20 @@ struct Blksnapd: ParsableCommand {
             /etc/blksnap), read in name order, holds one device per line, \
             routed at every start before blksnapd is ready:
 
-              # NAME   BACKING                          [size=BYTES]
+              # NAME   BACKING                          [size=BYTES] [live]
               vm1      /var/lib/disks/vm1.img           size=10G
               data     /dev/sdb
               remote   nbd+unix:///disk?socket=/run/qsd.sock
+              lv       /dev/vg0/data                    live
 
             NAME (letters, digits, '.', '_', '-'; at most 64) gets the stable \
             link /dev/disk/by-blksnap/NAME. BACKING is an absolute path or an \
             NBD URI, without spaces; size= (bytes, or K, M, G, T) is the size it \
-            must have. `blksnapctl attach --name NAME --persist BACKING` appends \
-            a line to devices.conf, `blksnapctl detach --forget NAME` removes it. \
+            must have. `live` routes a device-mapper device (an LVM volume) in \
+            place, mounted or not, as `blksnapctl attach --live` does (kernel NBD \
+            only); on a clean stop it gets its own table back, and the next start \
+            routes it again. `blksnapctl attach --name NAME --persist BACKING` \
+            (with or without --live) appends a line to devices.conf, `blksnapctl detach --forget NAME` removes it. \
             A malformed file stops blksnapd with its name and line; a missing \
             or resized backing is skipped (blksnapctl status says why).
 
@@ -380,15 +384,21 @@ enum DeviceRequests {
                 if request.persist == true && request.name == nil {
                     throw BlksnapError(.invalidArgument, "--persist declares a device by its name; give one with --name")
                 }
-                let attached = request.live == true
-                    ? try plane.attachLive(request.backing)
+                let live = request.live == true
+                let attached = live
+                    ? try plane.attachLive(request.backing, name: request.name)
                     : try plane.attach(backing: request.backing, size: request.size, name: request.name)
                 if request.persist == true, let name = request.name {
                     do {
-                        try DeclaredDevices.declare(.init(name: name, backing: request.backing, sizeBytes: attached.sizeBytes),
+                        // A volume's size is LVM's business (lvextend between
+                        // boots): a live declaration does not pin it.
+                        try DeclaredDevices.declare(.init(name: name, backing: request.backing,
+                                                          sizeBytes: live ? nil : attached.sizeBytes, live: live),
                                                     in: configDir)
                     } catch {
-                        if let devId = plane.resolve(attached.devId) { try? plane.detach(devId) }
+                        if let devId = plane.resolve(attached.devId) {
+                            if live { try? plane.detachLive(devId) } else { try? plane.detach(devId) }
+                        }
                         throw error
                     }
                 }
