@@ -150,6 +150,21 @@ struct Blksnapd: ParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
+    @Flag(help: """
+        Run as the root filesystem's storage daemon, started in the initramfs \
+        (the initramfs-tools script does): argv[0] starts with '@' (systemd's \
+        convention), a stop signal is refused while "/" is on a routed device, \
+        and SIGHUP makes it join the real root of the process that sent it.
+        """)
+    var rootStorageDaemon = false
+
+    @Flag(help: """
+        Where a root storage daemon holds --state-dir, tell it to join the real \
+        root, wait until it has, and exit 1 (the unit's ExecCondition= then skips \
+        starting a second blksnapd); exit 0 where none runs.
+        """)
+    var joinRootDaemon = false
+
     /// The keeper of the FUSE connections (FuseConnectionKeeper), which
     /// blksnapd starts itself; not for people.
     @Flag(name: .customLong(String(FuseConnectionKeeper.option.dropFirst(2))), help: .hidden)
@@ -188,6 +203,8 @@ struct Blksnapd: ParsableCommand {
         var logger = Logger(label: "blksnapd")
         logger.logLevel = Logger.Level(rawValue: logLevel)!
         if keepFuseConnections { FuseConnectionKeeper.serve(listening: 3, logger: logger) }
+        if joinRootDaemon { Glibc.exit(JoinRootDaemon.run(stateDir: stateDir, timeoutSeconds: 120)) }
+        let rootDaemon = rootStorageDaemon ? RootStorageDaemon(logger: logger) : nil
 
         let state = try StateDirectory(path: stateDir)
         defer { state.release() }
@@ -200,6 +217,7 @@ struct Blksnapd: ParsableCommand {
         sigemptyset(&signals)
         sigaddset(&signals, SIGINT)
         sigaddset(&signals, SIGTERM)
+        sigaddset(&signals, SIGHUP)
         pthread_sigmask(SIG_BLOCK, &signals, nil)
 
         // Every routed device and image is also an NBD export, named as its
@@ -323,7 +341,21 @@ struct Blksnapd: ParsableCommand {
         }
 
         var received: Int32 = 0
-        sigwait(&signals, &received)
+        while true {
+            var info = siginfo_t()
+            received = sigwaitinfo(&signals, &info)
+            if received < 0 { continue }
+            if received == SIGHUP {
+                if let rootDaemon {
+                    rootDaemon.joined(by: info._sifields._kill.si_pid, dataPlane: dataPlane, configDir: configDir, stateDir: stateDir)
+                } else {
+                    logger.info("blksnapd: SIGHUP ignored (only a root storage daemon joins a root)")
+                }
+                continue
+            }
+            if rootDaemon != nil, RootStorageDaemon.refusesStop(dataPlane, logger: logger) { continue }
+            break
+        }
         logger.info("blksnapd: signal \(received), shutting down")
         do { try notify.stopping(status: "destroying snapshots, stopping devices") } catch {
             logger.warning("blksnapd: \(error)")
