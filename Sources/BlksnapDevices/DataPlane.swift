@@ -567,9 +567,11 @@ extension DataPlane {
         }
     }
 
-    /// Whether "/" is mounted on a device this plane routes.
-    public var servesRoot: Bool {
-        lock.withLock { routed.values.map(\.devId) }.contains { Quiesce.mountpoints(of: $0).contains("/") }
+    /// Whether "/" (as this process sees it) is mounted on a device this
+    /// plane routes, or `devId` (another root's device) is one.
+    public func servesRoot(orDevice devId: DevId? = nil) -> Bool {
+        let all = lock.withLock { routed.values.map(\.devId) }
+        return all.contains { $0 == devId || Quiesce.mountpoints(of: $0).contains("/") }
     }
 
     /// Node of each device this plane made, by major:minor text, for status.

@@ -1,4 +1,6 @@
+import BlksnapABI
 import BlksnapEngine
+import CBlksnapLinux
 import Logging
 import SystemPackage
 #if canImport(Glibc)
@@ -69,9 +71,13 @@ public final class RootStorageDaemon {
         _ = try? DurableFile.replace(file, with: Array("\(pid)\n".utf8), mode: 0o644)
     }
 
-    /// Whether a stop signal must be refused: "/" is on a device it serves.
-    public static func refusesStop(_ dataPlane: DataPlane, logger: Logger) -> Bool {
-        guard dataPlane.servesRoot else { return false }
+    /// Whether a stop signal must be refused: "/" is on a device it serves,
+    /// its own or PID 1's (before it joined, its own is the initramfs).
+    public func refusesStop(_ dataPlane: DataPlane) -> Bool {
+        var st = stat()
+        let initRoot = proc >= 0 && fstatat(proc, "1/root/", &st, 0) == 0
+            ? DevId(major: blksnap_major(st.st_dev), minor: blksnap_minor(st.st_dev)) : nil
+        guard dataPlane.servesRoot(orDevice: initRoot) else { return false }
         logger.warning("blksnapd: the root filesystem is on a device this root storage daemon serves; it keeps serving (it ends with the machine)")
         return true
     }

@@ -353,7 +353,7 @@ struct Blksnapd: ParsableCommand {
                 }
                 continue
             }
-            if rootDaemon != nil, RootStorageDaemon.refusesStop(dataPlane, logger: logger) { continue }
+            if let rootDaemon, rootDaemon.refusesStop(dataPlane) { continue }
             break
         }
         logger.info("blksnapd: signal \(received), shutting down")
