@@ -50,6 +50,17 @@ cat "$scratch/verify.txt"
 check "systemd-analyze verify passes on the installed unit" test "$verified" = yes
 check "systemd-analyze verify printed no warning" test ! -s "$scratch/verify.txt"
 
+check "the unit defers to a root storage daemon" grep -qx "ExecCondition=$prefix/sbin/blksnapd --join-root-daemon" "$unit"
+hook=$root/usr/share/initramfs-tools/hooks/blksnap
+boot_script=$root/usr/share/initramfs-tools/scripts/local-premount/blksnap
+check "the initramfs-tools hook is installed, executable" test -x "$hook"
+check "the hook copies the installed blksnapd" grep -q "^blksnapd=$prefix/sbin/blksnapd\$" "$hook"
+check "the local-premount script is installed, executable" test -x "$boot_script"
+for s in "$hook" "$boot_script"; do
+    check "$(basename "$(dirname "$s")")/blksnap is valid sh" sh -n "$s"
+    check "$(basename "$(dirname "$s")")/blksnap answers prereqs" test "$(sh "$s" prereqs)" = ""
+done
+
 check "the installed blksnapctl --help lists its commands" \
     bash -c "'$p/bin/blksnapctl' --help | grep -q 'attach'"
 for sub in status attach detach exec; do

@@ -111,6 +111,35 @@ check "the writer carries on after the restart" wait_for_acked $((at_kill + 5)) 
 "$blksnapctl" detach --live "$vol"
 check "and the volume has its own table back" test "$(dmsetup table "$name")" = "0 $sectors linear $(stat -c '%Hr:%Lr' "$pv") 0"
 
+# Declared live: attach --live --name --persist writes a live declaration.
+# A clean stop gives the volume its own table back (it is written directly
+# while blksnapd is away), and the next start routes it again before it
+# reports ready; the writer never sees a failed write.
+own_table="0 $sectors linear $(stat -c '%Hr:%Lr' "$pv") 0"
+"$blksnapctl" attach --live --name lv --persist "$vol" >/dev/null
+check "--persist declares the volume live" grep -qx "lv $vol live" "$scratch/etc/devices.conf"
+check "its stable link names the volume itself" test "$(readlink /dev/disk/by-blksnap/lv)" = "$vol"
+for round in 1 2; do
+    check "the writer carries on (round $round)" wait_for_acked $(( $(acked_count) + 3 )) 120
+    t0=$(date +%s%N)
+    stop_blksnapd "$blksnapd_pid"
+    t1=$(date +%s%N)
+    check "a clean stop gives the volume its own table (round $round)" test "$(dmsetup table "$name")" = "$own_table"
+    check "the writer carries on while blksnapd is stopped (round $round)" wait_for_acked $(( $(acked_count) + 2 )) 120
+    t2=$(date +%s%N)
+    start_blksnapd "${daemon_options[@]}"
+    t3=$(date +%s%N)
+    table=$(dmsetup table "$name")
+    check "the start routes the declared volume again before it is ready (round $round: $table)" grep -Eq "linear (/dev/nbd|43:)" <<<"$table"
+    check "status shows lv routed (round $round)" bash -c "'$blksnapctl' status | grep -E '^ *lv +routed'"
+    echo "# restart $round: stop in $(( (t1 - t0) / 1000000 )) ms (longest write $(longest_pause_ms "$t0" "$t1") ms), start in $(( (t3 - t2) / 1000000 )) ms (longest write $(longest_pause_ms "$t2" "$t3") ms)"
+done
+check "the writer carries on after the restarts" wait_for_acked $(( $(acked_count) + 3 )) 120
+"$blksnapctl" detach --live --forget lv
+check "detach --live --forget removes the declaration" bash -c "! grep -q '^lv ' '$scratch/etc/devices.conf'"
+check "and the volume has its own table again" test "$(dmsetup table "$name")" = "$own_table"
+check "and its link is gone" test ! -e /dev/disk/by-blksnap/lv
+
 echo "# longest write of the whole run: $(longest_pause_ms 0 99999999999999999999) ms"
 stop_writer
 touch "$scratch/meter.stop"; wait "$meter_pid" 2>/dev/null || true

@@ -5,7 +5,9 @@
 # CUSE /dev/blksnap (no shim), the backup cycle of a live filesystem on
 # kernel NBD devices, blksnapd stalled past the request timeout and
 # blksnapd killed and started again under a filesystem being written, and
-# the upstream `blksnap` CLI cycle through the CUSE /dev/blksnap. Skipped
+# the upstream `blksnap` CLI cycle through the CUSE /dev/blksnap; then a
+# second boot whose root filesystem is routed from the initramfs
+# (tests/test-routed-root.sh). Skipped
 # (77) only where qemu cannot start a guest here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,4 +22,12 @@ case $status in
     *) echo "tests/test-stock-kernel-lane.sh: tools/build-upstream-v1 failed (exit $status)" >&2; exit 1 ;;
 esac
 # Under TCG the nine scenarios take about 10 minutes on an idle host, much longer on a busy one.
-exec tools/stock-kernel-lane --timeout 3600 -- "${env}tools/lane/scenarios"
+status=0
+tools/stock-kernel-lane --timeout 3600 -- "${env}tools/lane/scenarios" || status=$?
+[ "$status" -eq 77 ] && exit 77
+# A second boot, on a root filesystem routed from the initramfs by the
+# shipped boot script: the upstream CLI snapshots "/".
+routed=0
+tools/stock-kernel-lane --routed-root --timeout 1800 -- "${env}tools/lane/scenarios tests/test-routed-root.sh" || routed=$?
+echo "# lane: scenarios exit $status, routed-root boot exit $routed"
+[ "$status" -eq 0 ] && [ "$routed" -eq 0 ]

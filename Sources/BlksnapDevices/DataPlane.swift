@@ -64,6 +64,11 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
         var name: String? = nil
         /// The links made for it (/dev/disk/by-blksnap/NAME, /dev/block/MJ:MN).
         var links: [String] = []
+
+        /// The number the engine routes it under.
+        var devId: DevId { live?.devId ?? made.devId }
+        /// What is mounted and named: a live-routed dm device itself.
+        var node: String { live.map { "/dev/mapper/" + $0.name } ?? made.node }
     }
     /// Where CBT maps are kept across restarts (nil: not kept).
     let cbtDirectory: String?
@@ -213,7 +218,9 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
             let path = linkDirectory + "/" + name
             makeDirectories(linkDirectory)
             unlink(path)
-            if symlink(made.node, path) == 0 {
+            // A live-routed volume is used through its own node; the NBD
+            // device under it must not be mounted a second time.
+            if symlink(live.map { "/dev/mapper/" + $0.name } ?? made.node, path) == 0 {
                 links.append(path)
                 stable = path
             } else {
@@ -334,8 +341,9 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
     public func resolve(_ text: String) -> DevId? {
         let all = lock.withLock { Array(routed.values) }
         if let r = all.first(where: {
-            $0.made.node == text || $0.made.devId.description == text || ($0.name != nil && ($0.name == text || $0.links.contains(text)))
-        }) { return r.made.devId }
+            $0.made.node == text || $0.made.devId.description == text || $0.devId.description == text
+                || ($0.name != nil && ($0.name == text || $0.links.contains(text)))
+        }) { return r.devId }
         var st = stat()
         if stat(text, &st) == 0, st.st_mode & S_IFMT == S_IFBLK {
             return DevId(major: blksnap_major(st.st_rdev), minor: blksnap_minor(st.st_rdev))
@@ -492,13 +500,24 @@ extension DataPlane {
         var states: [DeclaredState] = []
         for d in declared.devices {
             var state = DeclaredState(device: d, state: "routed", why: nil, devId: nil)
-            let existing = lock.withLock { routed.values.first { $0.backing == d.backing } }
+            let existing = lock.withLock { routed.values.first { $0.backing == d.backing } } ?? liveRoute(of: d)
             do throws(BlksnapError) {
                 if let existing {
-                    state.devId = existing.made.devId
+                    state.devId = existing.devId
                     if existing.name != d.name {
                         logger.warning("blksnapd: \(d.backing) is routed already by \(existing.made.node); it keeps its name")
                     }
+                } else if d.live {
+                    var st = stat()
+                    guard stat(d.backing, &st) == 0 else {
+                        state.state = "missing"
+                        throw BlksnapError(Errno(rawValue: errno), "\(d.backing) is not there")
+                    }
+                    let attached = try attachLive(d.backing, name: d.name)
+                    if let size = d.sizeBytes, attached.sizeBytes != size {
+                        logger.warning("blksnapd: declared device \(d.name): \(d.backing) holds \(attached.sizeBytes) bytes, not the declared \(size); routed all the same, as LVM may have resized it")
+                    }
+                    state.devId = resolve(attached.devId)
                 } else {
                     if !isURI(d.backing) {
                         var st = stat()
@@ -526,6 +545,16 @@ extension DataPlane {
         return states
     }
 
+    /// The live route of the dm device a live declaration names, if any
+    /// (taken over after a crash, or routed by hand before).
+    private func liveRoute(of d: DeclaredDevices.Device) -> Routed? {
+        guard d.live else { return nil }
+        var st = stat()
+        guard stat(d.backing, &st) == 0, st.st_mode & S_IFMT == S_IFBLK else { return nil }
+        let devId = DevId(major: blksnap_major(st.st_rdev), minor: blksnap_minor(st.st_rdev))
+        return lock.withLock { routed[devId].flatMap { $0.live == nil ? nil : $0 } }
+    }
+
     /// The declared devices' states since the last `route(declared:)`,
     /// with a device detached since shown as such.
     public var declaredStates: [DeclaredState] {
@@ -538,11 +567,18 @@ extension DataPlane {
         }
     }
 
+    /// Whether "/" (as this process sees it) is mounted on a device this
+    /// plane routes, or `devId` (another root's device) is one.
+    public func servesRoot(orDevice devId: DevId? = nil) -> Bool {
+        let all = lock.withLock { routed.values.map(\.devId) }
+        return all.contains { $0 == devId || Quiesce.mountpoints(of: $0).contains("/") }
+    }
+
     /// Node of each device this plane made, by major:minor text, for status.
     public var nodes: [String: String] {
         lock.withLock {
             var out: [String: String] = [:]
-            for r in routed.values { out[r.made.devId.description] = r.made.node }
+            for r in routed.values { out[r.devId.description] = r.node }
             for i in images.values { out[i.made.devId.description] = i.nodes.first ?? i.made.node }
             return out
         }
@@ -552,7 +588,7 @@ extension DataPlane {
     public var names: [String: String] {
         lock.withLock {
             var out: [String: String] = [:]
-            for r in routed.values { if let n = r.name { out[r.made.devId.description] = n } }
+            for r in routed.values { if let n = r.name { out[r.devId.description] = n } }
             return out
         }
     }

@@ -10,17 +10,19 @@ import Glibc
 /// configuration directory (/etc/blksnap), read in name order. One device
 /// per line:
 ///
-///     # NAME   BACKING                         [size=BYTES]
+///     # NAME   BACKING                         [size=BYTES] [live]
 ///     vm1      /var/lib/disks/vm1.img          size=10G
 ///     data     /dev/sdb
 ///     remote   nbd+unix:///disk?socket=/run/qsd.sock
+///     lv       /dev/vg0/data                   live
 ///
 /// NAME (letters, digits, `.`, `_`, `-`; at most 64) becomes the stable link
 /// /dev/disk/by-blksnap/NAME. BACKING is an absolute path (a file or a
 /// block device) or an NBD URI, without spaces. `size=` (bytes, or with K,
 /// M, G, T) is the size the backing must have: one that changed size is not
-/// routed. `#` starts a comment line. `blksnapctl attach --name NAME
-/// --persist` appends to devices.conf; `blksnapctl detach --forget` removes
+/// routed. `live` routes a device-mapper device in place, mounted or not
+/// (`blksnapctl attach --live`): BACKING is its path. `#` starts a comment
+/// line. `blksnapctl attach --name NAME --persist` appends to devices.conf; `blksnapctl detach --forget` removes
 /// the line again, wherever it is.
 ///
 /// A file that breaks these rules is refused whole, with its name and line,
@@ -30,12 +32,14 @@ public struct DeclaredDevices: Equatable, Sendable {
         public var name: String
         public var backing: String
         public var sizeBytes: UInt64?
+        /// A device-mapper device routed in place (attach --live).
+        public var live: Bool
         /// Where it is declared, for messages.
         public var file: String
         public var line: Int
 
-        public init(name: String, backing: String, sizeBytes: UInt64? = nil, file: String = "", line: Int = 0) {
-            (self.name, self.backing, self.sizeBytes, self.file, self.line) = (name, backing, sizeBytes, file, line)
+        public init(name: String, backing: String, sizeBytes: UInt64? = nil, live: Bool = false, file: String = "", line: Int = 0) {
+            (self.name, self.backing, self.sizeBytes, self.live, self.file, self.line) = (name, backing, sizeBytes, live, file, line)
         }
     }
 
@@ -101,7 +105,7 @@ public struct DeclaredDevices: Equatable, Sendable {
             func bad(_ why: String) -> BlksnapError { BlksnapError(.invalidArgument, "\(file):\(line): \(why)") }
             let fields = raw.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\r" }).map(String.init)
             guard let first = fields.first, !first.hasPrefix("#") else { continue }
-            guard fields.count >= 2 else { throw bad("expected NAME BACKING [size=BYTES], found only \(first)") }
+            guard fields.count >= 2 else { throw bad("expected NAME BACKING [size=BYTES] [live], found only \(first)") }
             guard isValidName(first) else {
                 throw bad("\(first) is not a device name (letters, digits, '.', '_', '-'; at most 64)")
             }
@@ -110,15 +114,23 @@ public struct DeclaredDevices: Equatable, Sendable {
                 throw bad("\(backing) is neither an absolute path nor an NBD URI")
             }
             var size: UInt64?
+            var live = false
             for option in fields.dropFirst(2) {
-                guard option.hasPrefix("size="), size == nil else { throw bad("unknown or repeated option \(option) (only size=BYTES)") }
+                if option == "live", !live {
+                    guard backing.hasPrefix("/") else { throw bad("live routes a device-mapper device: give its path, not \(backing)") }
+                    live = true
+                    continue
+                }
+                guard option.hasPrefix("size="), size == nil else {
+                    throw bad("unknown or repeated option \(option) (only size=BYTES and live)")
+                }
                 guard let bytes = parseSize(String(option.dropFirst(5))) else { throw bad("\(option) is not a size (bytes, or with K, M, G, T)") }
                 size = bytes
             }
             if let other = out.first(where: { $0.name == first }) {
                 throw bad("the name \(first) is declared already at line \(other.line)")
             }
-            out.append(Device(name: first, backing: backing, sizeBytes: size, file: file, line: line))
+            out.append(Device(name: first, backing: backing, sizeBytes: size, live: live, file: file, line: line))
         }
         return out
     }
@@ -140,9 +152,9 @@ public struct DeclaredDevices: Equatable, Sendable {
         mkdir(directory, 0o755)
         let path = directory + "/" + fileName
         var text = (try? readConfig(path)) ?? ""
-        if text.isEmpty { text = "# blksnap-swift declared devices: NAME BACKING [size=BYTES]; see blksnapd --help\n" }
+        if text.isEmpty { text = "# blksnap-swift declared devices: NAME BACKING [size=BYTES] [live]; see blksnapd --help\n" }
         if !text.hasSuffix("\n") { text += "\n" }
-        text += "\(device.name) \(device.backing)" + (device.sizeBytes.map { " size=\($0)" } ?? "") + "\n"
+        text += "\(device.name) \(device.backing)" + (device.sizeBytes.map { " size=\($0)" } ?? "") + (device.live ? " live" : "") + "\n"
         try DurableFile.replace(path, with: Array(text.utf8), mode: 0o644)
     }
 

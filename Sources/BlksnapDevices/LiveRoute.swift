@@ -30,8 +30,9 @@ import Glibc
 extension DataPlane {
     static let kernelNbdKind = "kernel NBD"
 
-    /// `blksnapctl attach --live /dev/mapper/NAME` (or /dev/VG/LV, /dev/dm-N).
-    public func attachLive(_ path: String) throws(BlksnapError) -> Attached {
+    /// `blksnapctl attach --live /dev/mapper/NAME` (or /dev/VG/LV, /dev/dm-N);
+    /// `name` gives it the stable link /dev/disk/by-blksnap/NAME.
+    public func attachLive(_ path: String, name stableName: String? = nil) throws(BlksnapError) -> Attached {
         guard let engine = lock.withLock({ engine }) else { throw BlksnapError(.ioError, "the data plane is not started") }
         guard maker.kind == Self.kernelNbdKind else {
             throw BlksnapError(.operationNotSupportedByDevice,
@@ -48,6 +49,14 @@ extension DataPlane {
             throw BlksnapError(.invalidArgument,
                                "\(path) (\(devId)) is not a device-mapper device; --live routes LVM volumes and other dm devices, "
                                + "`blksnapctl attach` without --live routes an unmounted disk")
+        }
+        if let stableName {
+            guard DeclaredDevices.isValidName(stableName) else {
+                throw BlksnapError(.invalidArgument, "\(stableName) is not a device name (letters, digits, '.', '_', '-'; at most 64)")
+            }
+            if let other = lock.withLock({ routed.values.first { $0.name == stableName } }) {
+                throw BlksnapError(.fileExists, "the name \(stableName) is taken by \(other.node)")
+            }
         }
         guard lock.withLock({ routed[devId] == nil }), !name.hasPrefix(Self.basePrefix) else {
             throw BlksnapError(.resourceBusy, "\(path) (\(name)) is live-routed already")
@@ -85,9 +94,9 @@ extension DataPlane {
             let routedTable = try saveTable(["0 \(sectors) linear \(made.node) 0"], name: name, suffix: "routed")
             try DeviceMapper.swapTable(of: name, toTableIn: routedTable)
             let live = SavedDevices.Live(name: name, devId: devId, tableFile: ownTable)
-            added(made, device: device, label: label, backend: backend, live: live)
+            let link = added(made, device: device, label: label, backend: backend, name: stableName, live: live)
             logger.notice("blksnapd: /dev/mapper/\(name) (\(devId)) is live-routed through \(made.node); its writes reach the engine first. If blksnapd cannot come back, \(live.restoreHint)")
-            return Attached(node: "/dev/mapper/" + name, devId: devId.description, backing: label, sizeBytes: backing.size)
+            return Attached(node: "/dev/mapper/" + name, devId: devId.description, backing: label, sizeBytes: backing.size, link: link)
         } catch {
             unwind()
             throw error
@@ -115,6 +124,7 @@ extension DataPlane {
         onDevice?(.removed(name: r.made.name))
         maker.unbind(r.made)
         maker.release(r.made)
+        for l in r.links { unlink(l) }
         do throws(BlksnapError) {
             try DeviceMapper.dmsetup(["remove", Self.basePrefix + live.name])
         } catch {

@@ -126,7 +126,9 @@ struct Attach: ParsableCommand {
             /dev/VG/LV, /dev/mapper/NAME, /dev/dm-N) that may stay mounted and \
             written: it keeps its name and number, and its writes pass through \
             the engine from then on (kernel NBD only; linear and striped tables). \
-            Do not lvextend, lvreduce, pvmove or lvremove it until detach --live.
+            Do not lvextend, lvreduce, pvmove or lvremove it until detach --live. \
+            With --name and --persist too, the volume is declared `live`: every \
+            start of blksnapd routes it in place again.
 
             Examples:
               blksnapctl attach /var/lib/disks/vm1.img --size 10G   # prints: /dev/loop64 7:64
@@ -135,6 +137,7 @@ struct Attach: ParsableCommand {
               blksnapctl attach 'nbd+unix:///disk?socket=/run/qsd/nbd.sock'
               blksnapctl attach nbd://backup-host/vm2
               blksnapctl attach --live /dev/vg0/data
+              blksnapctl attach --live --name data --persist /dev/vg0/data
             """)
 
     @OptionGroup var options: SocketOption

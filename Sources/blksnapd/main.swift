@@ -35,16 +35,20 @@ struct Blksnapd: ParsableCommand {
             /etc/blksnap), read in name order, holds one device per line, \
             routed at every start before blksnapd is ready:
 
-              # NAME   BACKING                          [size=BYTES]
+              # NAME   BACKING                          [size=BYTES] [live]
               vm1      /var/lib/disks/vm1.img           size=10G
               data     /dev/sdb
               remote   nbd+unix:///disk?socket=/run/qsd.sock
+              lv       /dev/vg0/data                    live
 
             NAME (letters, digits, '.', '_', '-'; at most 64) gets the stable \
             link /dev/disk/by-blksnap/NAME. BACKING is an absolute path or an \
             NBD URI, without spaces; size= (bytes, or K, M, G, T) is the size it \
-            must have. `blksnapctl attach --name NAME --persist BACKING` appends \
-            a line to devices.conf, `blksnapctl detach --forget NAME` removes it. \
+            must have. `live` routes a device-mapper device (an LVM volume) in \
+            place, mounted or not, as `blksnapctl attach --live` does (kernel NBD \
+            only); on a clean stop it gets its own table back, and the next start \
+            routes it again. `blksnapctl attach --name NAME --persist BACKING` \
+            (with or without --live) appends a line to devices.conf, `blksnapctl detach --forget NAME` removes it. \
             A malformed file stops blksnapd with its name and line; a missing \
             or resized backing is skipped (blksnapctl status says why).
 
@@ -146,6 +150,21 @@ struct Blksnapd: ParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
+    @Flag(help: """
+        Run as the root filesystem's storage daemon, started in the initramfs \
+        (the initramfs-tools script does): argv[0] starts with '@' (systemd's \
+        convention), a stop signal is refused while "/" is on a routed device, \
+        and SIGHUP makes it join the real root of the process that sent it.
+        """)
+    var rootStorageDaemon = false
+
+    @Flag(help: """
+        Where a root storage daemon holds --state-dir, tell it to join the real \
+        root, wait until it has, and exit 1 (the unit's ExecCondition= then skips \
+        starting a second blksnapd); exit 0 where none runs.
+        """)
+    var joinRootDaemon = false
+
     /// The keeper of the FUSE connections (FuseConnectionKeeper), which
     /// blksnapd starts itself; not for people.
     @Flag(name: .customLong(String(FuseConnectionKeeper.option.dropFirst(2))), help: .hidden)
@@ -184,6 +203,8 @@ struct Blksnapd: ParsableCommand {
         var logger = Logger(label: "blksnapd")
         logger.logLevel = Logger.Level(rawValue: logLevel)!
         if keepFuseConnections { FuseConnectionKeeper.serve(listening: 3, logger: logger) }
+        if joinRootDaemon { Glibc.exit(JoinRootDaemon.run(stateDir: stateDir, timeoutSeconds: 120)) }
+        let rootDaemon = rootStorageDaemon ? RootStorageDaemon(logger: logger) : nil
 
         let state = try StateDirectory(path: stateDir)
         defer { state.release() }
@@ -196,6 +217,7 @@ struct Blksnapd: ParsableCommand {
         sigemptyset(&signals)
         sigaddset(&signals, SIGINT)
         sigaddset(&signals, SIGTERM)
+        sigaddset(&signals, SIGHUP)
         pthread_sigmask(SIG_BLOCK, &signals, nil)
 
         // Every routed device and image is also an NBD export, named as its
@@ -319,7 +341,21 @@ struct Blksnapd: ParsableCommand {
         }
 
         var received: Int32 = 0
-        sigwait(&signals, &received)
+        while true {
+            var info = siginfo_t()
+            received = sigwaitinfo(&signals, &info)
+            if received < 0 { continue }
+            if received == SIGHUP {
+                if let rootDaemon {
+                    rootDaemon.joined(by: info._sifields._kill.si_pid, dataPlane: dataPlane, configDir: configDir, stateDir: stateDir)
+                } else {
+                    logger.info("blksnapd: SIGHUP ignored (only a root storage daemon joins a root)")
+                }
+                continue
+            }
+            if let rootDaemon, rootDaemon.refusesStop(dataPlane) { continue }
+            break
+        }
         logger.info("blksnapd: signal \(received), shutting down")
         do { try notify.stopping(status: "destroying snapshots, stopping devices") } catch {
             logger.warning("blksnapd: \(error)")
@@ -380,15 +416,21 @@ enum DeviceRequests {
                 if request.persist == true && request.name == nil {
                     throw BlksnapError(.invalidArgument, "--persist declares a device by its name; give one with --name")
                 }
-                let attached = request.live == true
-                    ? try plane.attachLive(request.backing)
+                let live = request.live == true
+                let attached = live
+                    ? try plane.attachLive(request.backing, name: request.name)
                     : try plane.attach(backing: request.backing, size: request.size, name: request.name)
                 if request.persist == true, let name = request.name {
                     do {
-                        try DeclaredDevices.declare(.init(name: name, backing: request.backing, sizeBytes: attached.sizeBytes),
+                        // A volume's size is LVM's business (lvextend between
+                        // boots): a live declaration does not pin it.
+                        try DeclaredDevices.declare(.init(name: name, backing: request.backing,
+                                                          sizeBytes: live ? nil : attached.sizeBytes, live: live),
                                                     in: configDir)
                     } catch {
-                        if let devId = plane.resolve(attached.devId) { try? plane.detach(devId) }
+                        if let devId = plane.resolve(attached.devId) {
+                            if live { try? plane.detachLive(devId) } else { try? plane.detach(devId) }
+                        }
                         throw error
                     }
                 }

@@ -44,6 +44,9 @@ import Glibc
         ("vm1 /a.img size=ten\n", "devices.conf:1:", "not a size"),
         ("vm1 /a.img sise=10G\n", "devices.conf:1:", "unknown or repeated option"),
         ("vm1 /a.img\n\nvm1 /b.img\n", "devices.conf:3:", "declared already at line 1"),
+        ("lv nbd://host/x live\n", "devices.conf:1:", "live routes a device-mapper device"),
+        ("lv /dev/vg/lv live live\n", "devices.conf:1:", "unknown or repeated option live"),
+        ("lv /dev/vg/lv lively\n", "devices.conf:1:", "only size=BYTES and live"),
     ])
     func brokenFilesAreRefused(text: String, place: String, why: String) throws {
         let scratch = Scratch()
@@ -66,6 +69,22 @@ import Glibc
         } throws: { error in
             (error as? BlksnapError)?.message.contains("b.conf:2: the name vm1 is declared already at \(scratch.path)/a.conf:1") == true
         }
+    }
+
+    /// `live` marks a device-mapper device routed in place; what
+    /// attach --live --persist writes reads back the same.
+    @Test func aLiveDeclarationReadsAndWritesBack() throws {
+        let scratch = Scratch()
+        write("lv /dev/vg0/data live\nroot /dev/mapper/vg0-root size=1G live\nplain /dev/sdb\n", "a.conf", in: scratch.path)
+        let declared = try DeclaredDevices.load(directory: scratch.path)
+        #expect(declared.devices.map(\.live) == [true, true, false])
+        #expect(declared.devices[1].sizeBytes == 1 << 30)
+        let dir = scratch.path + "/etc"
+        try DeclaredDevices.declare(.init(name: "data", backing: "/dev/vg0/data", live: true), in: dir)
+        let text = String(decoding: try DurableFile.read(dir + "/" + DeclaredDevices.fileName, atMost: 4096), as: UTF8.self)
+        #expect(text.hasSuffix("\ndata /dev/vg0/data live\n"))
+        #expect(try DeclaredDevices.load(directory: dir).devices == [.init(name: "data", backing: "/dev/vg0/data", live: true,
+                                                                             file: dir + "/devices.conf", line: 2)])
     }
 
     @Test func declareAndForgetEditTheFiles() throws {
@@ -125,6 +144,26 @@ import Glibc
         #expect(dataPlane.declaredStates.map(\.state) == ["detached", "missing", "refused", "routed"])
         dataPlane.stop()
         #expect(access(dev + "/disk/by-blksnap/last", F_OK) != 0)
+    }
+
+    /// A live declaration is routed with attach --live, so where that
+    /// cannot be (no kernel NBD) it is refused with why; one whose volume
+    /// is not there is missing.
+    @Test func aLiveDeclarationIsRoutedLiveOrSaysWhyNot() throws {
+        let scratch = Scratch()
+        var logger = Logger(label: "test")
+        logger.logLevel = .critical
+        let dataPlane = DataPlane(maker: FakeMaker(kind: "FUSE+loop"), logger: logger, devDirectory: scratch.path + "/dev")
+        let engine = Engine(hooks: dataPlane, logger: logger)
+        try dataPlane.start(engine: engine)
+        let states = dataPlane.route(declared: DeclaredDevices(devices: [
+            .init(name: "lv", backing: "/dev/null", live: true),
+            .init(name: "gone", backing: scratch.path + "/no-such-volume", live: true),
+        ]))
+        #expect(states.map(\.state) == ["refused", "missing"])
+        #expect(states[0].why?.contains("live routing needs kernel NBD devices") == true, "\(states[0].why ?? "")")
+        dataPlane.stop()
+        withExtendedLifetime(engine) {}
     }
 
     /// The CBT of a file backing comes back when it is attached again,
