@@ -51,6 +51,11 @@ start_blksnapd() {
     rm -f "$BLKSNAP_CONTROL_SOCKET"
     # After the stop: a device filesystem left by a blksnapd that died.
     cleanup_fn "umount -l '$state/devices' 2>/dev/null"
+    # Last of all: a keeper still holding a connection (a scenario that
+    # ended between a kill -9 and the next start) would keep its devices
+    # and /dev/blksnap waiting for ever.
+    [ -n "${_keepers_queued:-}" ] || cleanup_fn "_stop_keepers"
+    _keepers_queued=1
     # Declarations and saved CBT maps in the scratch directory too, never
     # the machine's /etc/blksnap and /var/lib/blksnap.
     "$blksnapd" --state-dir "$state" --config-dir "$scratch/etc" --cbt-dir "$scratch/cbt" "$@" 2>>"$scratch/blksnapd.log" &
@@ -58,6 +63,15 @@ start_blksnapd() {
     cleanup_fn "stop_blksnapd $blksnapd_pid"
     for _ in $(seq 100); do [ -S "$BLKSNAP_CONTROL_SOCKET" ] && return 0; sleep 0.1; done
     echo "$0: blksnapd did not start:" >&2; cat "$scratch/blksnapd.log" >&2; exit 1
+}
+
+_stop_keepers() {
+    local pid
+    for pid in $(sed -n 's/.*started the keeper of the FUSE connections (pid \([0-9]*\).*/\1/p' "$scratch/blksnapd.log" 2>/dev/null); do
+        # Only if the pid is still that keeper, not a process that took its number.
+        { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -q -- "--keep-fuse-connections" && kill -KILL "$pid" 2>/dev/null
+    done
+    return 0
 }
 
 stop_blksnapd() {
