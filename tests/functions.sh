@@ -74,6 +74,49 @@ _stop_keepers() {
     return 0
 }
 
+# upstream_tools: sets $upstream to a finished build of the upstream v1
+# tools (tools/build-upstream-v1; the lane's guest, which builds nothing,
+# is handed one in BLKSNAP_UPSTREAM_V1_BUILD), or skips where their source
+# is absent.
+upstream_tools() {
+    if [ -n "${BLKSNAP_UPSTREAM_V1_BUILD:-}" ]; then
+        upstream=$BLKSNAP_UPSTREAM_V1_BUILD
+        [ -f "$upstream/done" ] || { echo "$0: no finished build in $upstream" >&2; exit 1; }
+        return 0
+    fi
+    local status=0
+    upstream=$("$top/tools/build-upstream-v1") || status=$?
+    [ "$status" -eq 77 ] && skip "${upstream#skipped: }"
+    [ "$status" -eq 0 ] || { echo "$0: tools/build-upstream-v1 failed (exit $status)" >&2; exit 1; }
+}
+
+# kill_amid_writes COUNT: in the background, the scenario's `write_block N`
+# at random blocks N below 256, each N recorded in $scratch/acked once its
+# write returned; blksnapd is killed (-9) once COUNT are acknowledged (or
+# after 90 s), and $acked_at_kill says how many were. stop_block_writer
+# ends the writer (after the next start: its write waits for blksnapd).
+kill_amid_writes() {
+    : >"$scratch/acked"
+    (
+        while [ ! -e "$scratch/block-writer.stop" ]; do
+            n=$((RANDOM % 256))
+            if write_block "$n" 2>/dev/null; then echo "$n" >>"$scratch/acked"; fi
+        done
+    ) &
+    block_writer_pid=$!
+    cleanup_fn "stop_block_writer"
+    local deadline=$((SECONDS + 90))
+    while [ "$(wc -l <"$scratch/acked")" -lt "$1" ] && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
+    kill -KILL "$blksnapd_pid"
+    wait "$blksnapd_pid" 2>/dev/null || true
+    acked_at_kill=$(wc -l <"$scratch/acked")
+    echo "# blksnapd killed with $acked_at_kill writes acknowledged"
+}
+stop_block_writer() {
+    touch "$scratch/block-writer.stop"
+    wait "$block_writer_pid" 2>/dev/null || true
+}
+
 stop_blksnapd() {
     kill -TERM "$1" 2>/dev/null || return 0
     for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done

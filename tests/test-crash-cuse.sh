@@ -67,8 +67,8 @@ for line in open(sys.argv[2]):
         if words[0] == "version":
             v = Version(); b.call(fd, 0, v); print(f"version {v.major}.{v.minor}.{v.revision}.{v.build}", flush=True)
         elif words[0] == "collect":
-            p = b.TrackerCollect(); b.call(fd, 3, p)
-            infos = (b.CbtInfo * max(p.count, 1))(); p.cbt_info_array = infos; b.call(fd, 3, p)
+            p = b.TrackerCollect(); b.call(fd, 2, p)
+            infos = (b.CbtInfo * max(p.count, 1))(); p.cbt_info_array = infos; b.call(fd, 2, p)
             print("collect " + " ".join(f"{i.dev_id.mj}:{i.dev_id.mn} {uuid.UUID(bytes=bytes(i.generation_id))} {i.snap_number}" for i in infos[:p.count]), flush=True)
         elif words[0] == "wait":
             e = b.Event(id=b.uuid_bytes(words[1]), timeout_ms=int(words[2])); b.call(fd, 11, e); print(f"event {e.code}", flush=True)

@@ -20,15 +20,7 @@ source "$(dirname "$0")/functions.sh"
 requires_root; requires_loop; requires_fuse
 requires mkfs.ext4; requires python3; requires dd; requires fallocate
 
-if [ -n "${BLKSNAP_UPSTREAM_V1_BUILD:-}" ]; then
-    upstream=$BLKSNAP_UPSTREAM_V1_BUILD
-    [ -f "$upstream/done" ] || { echo "$0: no finished build in $upstream" >&2; exit 1; }
-else
-    status=0
-    upstream=$("$top/tools/build-upstream-v1") || status=$?
-    [ "$status" -eq 77 ] && skip "${upstream#skipped: }"
-    [ "$status" -eq 0 ] || { echo "$0: tools/build-upstream-v1 failed (exit $status)" >&2; exit 1; }
-fi
+upstream_tools
 cli_binary=$upstream/build/tools/blksnap/blksnap
 
 mode=shim
@@ -109,6 +101,16 @@ blocks_with() {
 }
 # write_block N: 4 KiB at the start of tracking block N of B, O_DIRECT, fsync'd.
 write_block() { dd if=/dev/urandom of="$link_b" bs=4096 seek=$(($1 * blk / 4096)) count=1 oflag=direct conv=fsync,notrunc status=none; }
+# same_as_before WHAT: after WHAT, both names are there and B's tracker has
+# the generation and snap_number it had before ($gen_before, $snap_before).
+same_as_before() {
+    local gen snap
+    check "after $1, $link_a and $link_b are there again" test -b "$link_a" -a -b "$link_b"
+    read -r gen snap _ < <(collect)
+    echo "# before $1: generation $gen_before, snap_number $snap_before; after: $gen, $snap"
+    check "tracker_collect after $1: the same generation id" test "$gen" = "$gen_before"
+    check "tracker_collect after $1: the same snap_number ($snap_before)" test "$snap" = "$snap_before"
+}
 sorted() { tr ' ' '\n' <<<"$*" | sed '/^$/d' | sort -n | tr '\n' ' ' | sed 's/ $//'; }
 
 cycle 1
@@ -128,11 +130,7 @@ umount "$store"
 stop_blksnapd "$blksnapd_pid"
 check "the clean stop saved B's CBT" test "$(grep -l "$scratch/b.img" "$scratch"/cbt/*.cbt 2>/dev/null | wc -l)" -ge 1
 start
-check "after the restart, $link_a and $link_b are there again" test -b "$link_a" -a -b "$link_b"
-read -r gen snap _ < <(collect)
-echo "# before the stop: generation $gen_before, snap_number $snap_before; after the start: $gen, $snap"
-check "tracker_collect after a clean restart: the same generation id" test "$gen" = "$gen_before"
-check "tracker_collect after a clean restart: the same snap_number ($snap_before)" test "$snap" = "$snap_before"
+same_as_before "a clean restart"
 mount "$link_a" "$store"
 check "the ext4 mounted by name has its file" grep -qx kept "$store/kept"
 w3="9 701 1000"
@@ -143,34 +141,14 @@ check "tracker_readcbtmap after the restart: exactly w2 and w3 ($(sorted $w2 $w3
     test "$(blocks_with '== 3')" = "$(sorted $w2 $w3)"
 check "tracker_readcbtmap after the restart: nothing else marked" test "$(blocks_with '!= 0')" = "$(sorted $w1 $w2 $w3)"
 
-# ---- kill -9 in the middle of writes to random blocks of the first 256;
-# a block is recorded once its write returned.
+# ---- kill -9 in the middle of writes to random blocks of the first 256
 read -r gen_before snap_before _ < <(collect)
 umount "$store"
-: >"$scratch/acked"
-(
-    while [ ! -e "$scratch/writer.stop" ]; do
-        n=$((RANDOM % 256))
-        if write_block "$n" 2>/dev/null; then echo "$n" >>"$scratch/acked"; fi
-    done
-) &
-wpid=$!
-cleanup_fn "touch '$scratch/writer.stop'; wait $wpid 2>/dev/null"
-deadline=$((SECONDS + 90))
-while [ "$(wc -l <"$scratch/acked")" -lt 100 ] && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
-kill -KILL "$blksnapd_pid"
-wait "$blksnapd_pid" 2>/dev/null || true
-acked_at_kill=$(wc -l <"$scratch/acked")
-echo "# blksnapd killed with $acked_at_kill writes acknowledged"
+kill_amid_writes 100
 start
-touch "$scratch/writer.stop"
-wait "$wpid" 2>/dev/null || true
+stop_block_writer
 check "writes were acknowledged before the kill ($acked_at_kill)" test "$acked_at_kill" -ge 20
-check "after the crash, $link_a and $link_b are there again" test -b "$link_a" -a -b "$link_b"
-read -r gen snap _ < <(collect)
-echo "# before the kill: generation $gen_before, snap_number $snap_before; after the start: $gen, $snap"
-check "tracker_collect after a crash: the same generation id" test "$gen" = "$gen_before"
-check "tracker_collect after a crash: the same snap_number ($snap_before)" test "$snap" = "$snap_before"
+same_as_before "a crash"
 mount "$link_a" "$store"
 cycle 4
 acked=$(sort -nu "$scratch/acked" | tr '\n' ' ' | sed 's/ $//')

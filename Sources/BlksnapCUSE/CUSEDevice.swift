@@ -114,20 +114,8 @@ public final class CUSEDevice: @unchecked Sendable {
             throw BlksnapError(.noMemory, "libfuse could not create the CUSE session")
         }
 
-        SessionLoop.installWakeHandler(configuration.wakeSignal)
-        lock.withLock {
-            self.session = session
-            initialized = false
-            loopEnded = false
-            stopping = false
-        }
-        do {
-            try startLoopThread(session)
-        } catch {
-            fuse_session_destroy(session)
-            lock.withLock { self.session = nil }
-            throw error
-        }
+        install(session)
+        try startLoop(session)
 
         let deadline = monotonicNanoseconds() + UInt64(configuration.readyTimeoutMs) * 1_000_000
         let accepted = lock.withLock { () -> Bool in
@@ -201,14 +189,7 @@ public final class CUSEDevice: @unchecked Sendable {
             close(fd)
             throw BlksnapError(.noMemory, "libfuse could not take over the CUSE session of \(devicePath)")
         }
-        SessionLoop.installWakeHandler(configuration.wakeSignal)
-        lock.withLock {
-            self.session = session
-            initialized = false
-            loopEnded = false
-            stopping = false
-            keptName = kept.name
-        }
+        install(session, keptName: kept.name)
         // Before any request is read: libfuse answers nothing before INIT.
         var request = initial.request
         request.withUnsafeMutableBytes { raw in
@@ -223,13 +204,7 @@ public final class CUSEDevice: @unchecked Sendable {
             fuse_session_destroy(session)
             throw BlksnapError(.protocolError, "libfuse refused the CUSE_INIT made for the kept connection \(kept.name)")
         }
-        do {
-            try startLoopThread(session)
-        } catch {
-            lock.withLock { self.session = nil; keptName = nil }
-            fuse_session_destroy(session)
-            throw error
-        }
+        try startLoop(session)
         close(kept.fd)
         control.engine.logger.notice("""
             blksnap-cuse: took over \(devicePath) from a blksnapd that died; \
@@ -314,6 +289,29 @@ public final class CUSEDevice: @unchecked Sendable {
             return nil
         }
         return session
+    }
+
+    /// Makes `session` the device's, not yet serving.
+    private func install(_ session: OpaquePointer, keptName: String? = nil) {
+        SessionLoop.installWakeHandler(configuration.wakeSignal)
+        lock.withLock {
+            self.session = session
+            initialized = false
+            loopEnded = false
+            stopping = false
+            self.keptName = keptName
+        }
+    }
+
+    /// Serves the installed session; on failure it is the device's no more.
+    private func startLoop(_ session: OpaquePointer) throws(BlksnapError) {
+        do throws(BlksnapError) {
+            try startLoopThread(session)
+        } catch {
+            lock.withLock { self.session = nil; keptName = nil }
+            fuse_session_destroy(session)
+            throw error
+        }
     }
 
     private func startLoopThread(_ session: OpaquePointer) throws(BlksnapError) {
