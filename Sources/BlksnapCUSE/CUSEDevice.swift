@@ -192,13 +192,7 @@ public final class CUSEDevice: @unchecked Sendable {
         install(session, keptName: kept.name)
         // Before any request is read: libfuse answers nothing before INIT.
         var request = initial.request
-        request.withUnsafeMutableBytes { raw in
-            var buf = fuse_buf()
-            buf.size = raw.count
-            buf.mem = raw.baseAddress
-            buf.fd = -1
-            fuse_session_process_buf(session, &buf)
-        }
+        request.withUnsafeMutableBytes { cfuse3_process_request(session, $0.baseAddress, $0.count) }
         guard lock.withLock({ initialized }) else {
             lock.withLock { self.session = nil; keptName = nil }
             fuse_session_destroy(session)
