@@ -51,6 +51,11 @@ start_blksnapd() {
     rm -f "$BLKSNAP_CONTROL_SOCKET"
     # After the stop: a device filesystem left by a blksnapd that died.
     cleanup_fn "umount -l '$state/devices' 2>/dev/null"
+    # Last of all: a keeper still holding a connection (a scenario that
+    # ended between a kill -9 and the next start) would keep its devices
+    # and /dev/blksnap waiting for ever.
+    [ -n "${_keepers_queued:-}" ] || cleanup_fn "_stop_keepers"
+    _keepers_queued=1
     # Declarations and saved CBT maps in the scratch directory too, never
     # the machine's /etc/blksnap and /var/lib/blksnap.
     "$blksnapd" --state-dir "$state" --config-dir "$scratch/etc" --cbt-dir "$scratch/cbt" "$@" 2>>"$scratch/blksnapd.log" &
@@ -58,6 +63,58 @@ start_blksnapd() {
     cleanup_fn "stop_blksnapd $blksnapd_pid"
     for _ in $(seq 100); do [ -S "$BLKSNAP_CONTROL_SOCKET" ] && return 0; sleep 0.1; done
     echo "$0: blksnapd did not start:" >&2; cat "$scratch/blksnapd.log" >&2; exit 1
+}
+
+_stop_keepers() {
+    local pid
+    for pid in $(sed -n 's/.*started the keeper of the FUSE connections (pid \([0-9]*\).*/\1/p' "$scratch/blksnapd.log" 2>/dev/null); do
+        # Only if the pid is still that keeper, not a process that took its number.
+        { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -q -- "--keep-fuse-connections" && kill -KILL "$pid" 2>/dev/null
+    done
+    return 0
+}
+
+# upstream_tools: sets $upstream to a finished build of the upstream v1
+# tools (tools/build-upstream-v1; the lane's guest, which builds nothing,
+# is handed one in BLKSNAP_UPSTREAM_V1_BUILD), or skips where their source
+# is absent.
+upstream_tools() {
+    if [ -n "${BLKSNAP_UPSTREAM_V1_BUILD:-}" ]; then
+        upstream=$BLKSNAP_UPSTREAM_V1_BUILD
+        [ -f "$upstream/done" ] || { echo "$0: no finished build in $upstream" >&2; exit 1; }
+        return 0
+    fi
+    local status=0
+    upstream=$("$top/tools/build-upstream-v1") || status=$?
+    [ "$status" -eq 77 ] && skip "${upstream#skipped: }"
+    [ "$status" -eq 0 ] || { echo "$0: tools/build-upstream-v1 failed (exit $status)" >&2; exit 1; }
+}
+
+# kill_amid_writes COUNT: in the background, the scenario's `write_block N`
+# at random blocks N below 256, each N recorded in $scratch/acked once its
+# write returned; blksnapd is killed (-9) once COUNT are acknowledged (or
+# after 90 s), and $acked_at_kill says how many were. stop_block_writer
+# ends the writer (after the next start: its write waits for blksnapd).
+kill_amid_writes() {
+    : >"$scratch/acked"
+    (
+        while [ ! -e "$scratch/block-writer.stop" ]; do
+            n=$((RANDOM % 256))
+            if write_block "$n" 2>/dev/null; then echo "$n" >>"$scratch/acked"; fi
+        done
+    ) &
+    block_writer_pid=$!
+    cleanup_fn "stop_block_writer"
+    local deadline=$((SECONDS + 90))
+    while [ "$(wc -l <"$scratch/acked")" -lt "$1" ] && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
+    kill -KILL "$blksnapd_pid"
+    wait "$blksnapd_pid" 2>/dev/null || true
+    acked_at_kill=$(wc -l <"$scratch/acked")
+    echo "# blksnapd killed with $acked_at_kill writes acknowledged"
+}
+stop_block_writer() {
+    touch "$scratch/block-writer.stop"
+    wait "$block_writer_pid" 2>/dev/null || true
 }
 
 stop_blksnapd() {

@@ -111,24 +111,9 @@ check "CBT after the restart: exactly w2 and w3 since snapshot 2" \
 # kill -9 in the middle of writes at random blocks of the first 256; a
 # block is recorded once its write returned.
 read -r _ gen_b snap_b _ < <(collect)
-: >"$scratch/acked"
-(
-    while [ ! -e "$scratch/writer.stop" ]; do
-        n=$((RANDOM % 256))
-        if write_block "$n" 2>/dev/null; then echo "$n" >>"$scratch/acked"; fi
-    done
-) &
-wpid=$!
-cleanup_fn "touch '$scratch/writer.stop'; wait $wpid 2>/dev/null"
-deadline=$((SECONDS + 90))
-while [ "$(wc -l <"$scratch/acked")" -lt 200 ] && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
-kill -KILL "$blksnapd_pid"
-wait "$blksnapd_pid" 2>/dev/null || true
-touch "$scratch/writer.stop"
-acked_at_kill=$(wc -l <"$scratch/acked")
-echo "# blksnapd killed with $acked_at_kill writes acknowledged"
+kill_amid_writes 200
 start_blksnapd --diff-storage-minimum 32768 --nbd-dead-timeout 600
-wait "$wpid" 2>/dev/null || true
+stop_block_writer
 check "at least 20 writes were acknowledged before the kill" test "$acked_at_kill" -ge 20
 check "$link_b is there again after the crash" test -b "$link_b"
 read -r _ gen snap _ < <(collect)

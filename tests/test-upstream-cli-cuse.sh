@@ -12,15 +12,7 @@ requires_root; requires_loop; requires_fuse
 for _ in $(seq 50); do [ -e /dev/blksnap ] || break; sleep 0.1; done
 [ ! -e /dev/blksnap ] || skip "/dev/blksnap exists already (the module, or another blksnapd)"
 
-if [ -n "${BLKSNAP_UPSTREAM_V1_BUILD:-}" ]; then
-    upstream=$BLKSNAP_UPSTREAM_V1_BUILD
-    [ -f "$upstream/done" ] || { echo "$0: no finished build in $upstream" >&2; exit 1; }
-else
-    status=0
-    upstream=$("$top/tools/build-upstream-v1") || status=$?
-    [ "$status" -eq 77 ] && skip "${upstream#skipped: }"
-    [ "$status" -eq 0 ] || { echo "$0: tools/build-upstream-v1 failed (exit $status)" >&2; exit 1; }
-fi
+upstream_tools
 
 diff_storage_minimum=8192
 start_blksnapd --mode cuse --diff-storage-minimum $diff_storage_minimum

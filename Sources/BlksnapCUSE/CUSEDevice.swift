@@ -25,6 +25,11 @@ public final class CUSEDevice: @unchecked Sendable {
         public var readyTimeoutMs = 5000
         /// Interrupts the session loop's wait when stopping (see `SessionLoop`).
         public var wakeSignal: Int32 = SIGUSR2
+        /// Where the requests being answered are counted (`InFlightRecord`),
+        /// for the blksnapd after this one; nil: not counted, and a kept
+        /// connection is taken over only where the kernel sends its
+        /// unanswered requests again.
+        public var inFlightPath: String?
 
         public init() {}
     }
@@ -32,6 +37,8 @@ public final class CUSEDevice: @unchecked Sendable {
     public let configuration: Configuration
     let machine: IoctlStateMachine
     private let control: Control
+    private let keeper: SessionKeeper?
+    private(set) var inFlight: InFlightRecord?
 
     private let lock = Lock()
     private let changed = Condition()
@@ -41,22 +48,54 @@ public final class CUSEDevice: @unchecked Sendable {
     private var loopEnded = false
     private var loopResult: Int32 = 0
     private var stopping = false
+    /// What the kernel said in CUSE_INIT: the name the connection is kept under.
+    private var said: CUSEInit?
+    /// The name the keeper holds the connection under, once it does.
+    private var keptName: String?
 
-    public init(control: Control, configuration: Configuration = Configuration()) {
+    /// `keeper`: who keeps a duplicate of the connection, so that
+    /// /dev/blksnap and its open descriptors outlive a kill -9 (nil: the
+    /// device dies with this process).
+    public init(control: Control, configuration: Configuration = Configuration(), keeper: SessionKeeper? = nil) {
         self.control = control
         self.configuration = configuration
+        self.keeper = keeper
         machine = IoctlStateMachine(control: control)
     }
+
+    /// Names of kept connections that are this device's, for the store's take.
+    public static let keptPrefix = CUSEInit.prefix
 
     public var devicePath: String { "/dev/" + configuration.name }
 
     /// Whether the session is serving requests.
     public var isRunning: Bool { lock.withLock { session != nil && initialized && !loopEnded } }
 
-    /// Registers the device and serves it on libfuse's threads.
-    public func start() throws(BlksnapError) {
+    /// Registers the device and serves it on libfuse's threads; or, given
+    /// `kept` (the connection a blksnapd that died left with the keeper),
+    /// serves that one: /dev/blksnap stays, and a tool that held it open
+    /// across the crash is answered. Where that cannot be done safely
+    /// (`adopt`), the kept connection is let go (its callers get an error
+    /// and the node goes) and a new device is registered.
+    public func start(adopting kept: KeptSession? = nil) throws(BlksnapError) {
         try lock.withLock { () throws(BlksnapError) in
             guard session == nil else { throw BlksnapError(.resourceBusy, "\(devicePath) is served already") }
+        }
+        if let path = configuration.inFlightPath {
+            do throws(BlksnapError) {
+                inFlight = try InFlightRecord(path: path)
+            } catch {
+                control.engine.logger.warning("blksnap-cuse: \(error); requests of \(devicePath) are not counted")
+            }
+        }
+        if let kept {
+            do throws(BlksnapError) {
+                try adopt(kept)
+                return
+            } catch {
+                control.engine.logger.warning("blksnap-cuse: \(error)")
+                letGo(kept)
+            }
         }
         let cuse = configuration.cusePath
         guard access(cuse, F_OK) == 0 else {
@@ -75,20 +114,8 @@ public final class CUSEDevice: @unchecked Sendable {
             throw BlksnapError(.noMemory, "libfuse could not create the CUSE session")
         }
 
-        SessionLoop.installWakeHandler(configuration.wakeSignal)
-        lock.withLock {
-            self.session = session
-            initialized = false
-            loopEnded = false
-            stopping = false
-        }
-        do {
-            try startLoopThread(session)
-        } catch {
-            fuse_session_destroy(session)
-            lock.withLock { self.session = nil }
-            throw error
-        }
+        install(session)
+        try startLoop(session)
 
         let deadline = monotonicNanoseconds() + UInt64(configuration.readyTimeoutMs) * 1_000_000
         let accepted = lock.withLock { () -> Bool in
@@ -103,7 +130,90 @@ public final class CUSEDevice: @unchecked Sendable {
             throw BlksnapError(.init(rawValue: result != 0 ? abs(result) : EIO),
                                "the kernel did not bring up \(devicePath) through \(cuse)")
         }
+        keepConnection()
         control.engine.logger.info("blksnap-cuse: serving \(devicePath)")
+    }
+
+    /// Hands the keeper a duplicate of the connection, under a name that
+    /// says what the kernel said in CUSE_INIT.
+    private func keepConnection() {
+        guard let keeper else { return }
+        guard let (name, fd) = lock.withLock({ () -> (String, Int32)? in
+            guard let session, let said else { return nil }
+            return (said.name, fuse_session_fd(session))
+        }) else { return }
+        do throws(BlksnapError) {
+            try keeper.hold(name, fd)
+            lock.withLock { keptName = name }
+            control.engine.logger.info("blksnap-cuse: \(keeper.kind) keeps the connection of \(devicePath), so it outlives a crash of blksnapd")
+        } catch {
+            control.engine.logger.warning("blksnap-cuse: \(error); a crash of blksnapd will take \(devicePath) with it")
+        }
+    }
+
+    /// Serves `kept`, the connection of a blksnapd that died. Requests the
+    /// dead one had read and not answered are sent again by the kernel
+    /// (FUSE_NOTIFY_RESEND, Linux 6.9). A kernel without it would leave
+    /// their callers waiting for ever, which is worse than an error: there
+    /// the connection is taken over only when the dead one was answering
+    /// nothing (`InFlightRecord`), else this throws and `start` lets it go.
+    private func adopt(_ kept: KeptSession) throws(BlksnapError) {
+        guard let initial = CUSEInit(name: kept.name) else {
+            throw BlksnapError(.invalidArgument, "a kept connection named \(kept.name) is not \(devicePath)'s")
+        }
+        var p = pollfd(fd: kept.fd, events: 0, revents: 0)
+        guard poll(&p, 1, 0) == 0 else {
+            throw BlksnapError(.operationNotSupportedByDevice, "the kept connection of \(devicePath) is gone")
+        }
+        let resent: Bool
+        if let refused = CUSEInit.resend(on: kept.fd) {
+            let unanswered = inFlight?.previous
+            guard unanswered == 0 else {
+                throw BlksnapError(.notSupported, """
+                    this kernel cannot send requests again (FUSE_NOTIFY_RESEND, Linux 6.9; it answered \
+                    \(String(cString: strerror(refused)))) and the blksnapd that died was answering \
+                    \(unanswered.map { String($0) } ?? "an unknown number of") request(s) of \(devicePath); \
+                    their callers would wait for ever, so the connection is let go: they and every \
+                    descriptor of \(devicePath) open before the crash get an error, and a new \(devicePath) is made
+                    """)
+            }
+            resent = false
+        } else {
+            resent = true
+        }
+        // The session owns (and closes) a duplicate; `kept.fd` is closed
+        // once taken over, or by `letGo`.
+        let fd = dup(kept.fd)
+        guard fd >= 0 else { throw BlksnapError(.init(rawValue: errno), "cannot duplicate the kept connection of \(devicePath)") }
+        guard let session = makeSession(fd) else {
+            close(fd)
+            throw BlksnapError(.noMemory, "libfuse could not take over the CUSE session of \(devicePath)")
+        }
+        install(session, keptName: kept.name)
+        // Before any request is read: libfuse answers nothing before INIT.
+        var request = initial.request
+        request.withUnsafeMutableBytes { cfuse3_process_request(session, $0.baseAddress, $0.count) }
+        guard lock.withLock({ initialized }) else {
+            lock.withLock { self.session = nil; keptName = nil }
+            fuse_session_destroy(session)
+            throw BlksnapError(.protocolError, "libfuse refused the CUSE_INIT made for the kept connection \(kept.name)")
+        }
+        try startLoop(session)
+        close(kept.fd)
+        control.engine.logger.notice("""
+            blksnap-cuse: took over \(devicePath) from a blksnapd that died; \
+            \(resent ? "the kernel sends again what it had read and not answered" : "none of its requests was in flight")
+            """)
+    }
+
+    /// Closes a kept connection that is not taken over: once the keeper
+    /// closes its duplicate too, the kernel fails the requests waiting on
+    /// it and removes the node, which a new device may then take.
+    private func letGo(_ kept: KeptSession) {
+        keeper?.drop(kept.name)
+        close(kept.fd)
+        let deadline = monotonicNanoseconds() + 5_000_000_000
+        while access(devicePath, F_OK) == 0 && monotonicNanoseconds() < deadline { usleep(20_000) }
     }
 
     /// Ends the session: in-flight requests finish (a WAIT_EVENT within
@@ -128,6 +238,8 @@ public final class CUSEDevice: @unchecked Sendable {
             }
         }
         pthread_join(thread, nil)
+        // The kept duplicate first, so that closing ours ends the connection.
+        if let name = lock.withLock({ keptName }) { keeper?.drop(name) }
         // Closes /dev/cuse: the kernel then drops /dev/blksnap.
         fuse_session_destroy(session)
         lock.withLock {
@@ -173,6 +285,29 @@ public final class CUSEDevice: @unchecked Sendable {
         return session
     }
 
+    /// Makes `session` the device's, not yet serving.
+    private func install(_ session: OpaquePointer, keptName: String? = nil) {
+        SessionLoop.installWakeHandler(configuration.wakeSignal)
+        lock.withLock {
+            self.session = session
+            initialized = false
+            loopEnded = false
+            stopping = false
+            self.keptName = keptName
+        }
+    }
+
+    /// Serves the installed session; on failure it is the device's no more.
+    private func startLoop(_ session: OpaquePointer) throws(BlksnapError) {
+        do throws(BlksnapError) {
+            try startLoopThread(session)
+        } catch {
+            lock.withLock { self.session = nil; keptName = nil }
+            fuse_session_destroy(session)
+            throw error
+        }
+    }
+
     private func startLoopThread(_ session: OpaquePointer) throws(BlksnapError) {
         final class Start {
             let device: CUSEDevice
@@ -204,6 +339,11 @@ public final class CUSEDevice: @unchecked Sendable {
         if !lock.withLock({ stopping }) {
             control.engine.logger.error("blksnap-cuse: the session of \(devicePath) ended (\(result))")
         }
+    }
+
+    /// CUSE_INIT arrived (the kernel's, or the one made for a kept connection).
+    func sessionSaid(major: UInt32, minor: UInt32) {
+        lock.withLock { said = CUSEInit(major: major, minor: minor) }
     }
 
     /// CUSE_INIT answered: the kernel is registering the device.

@@ -9,13 +9,22 @@ import Glibc
 enum CUSEOperations {
     static func table() -> cuse_lowlevel_ops {
         var ops = cuse_lowlevel_ops()
+        ops.`init` = { userdata, conn in
+            guard let conn else { return }
+            CUSEOperations.device(userdata).sessionSaid(major: conn.pointee.proto_major, minor: conn.pointee.proto_minor)
+        }
         ops.init_done = { userdata in
             CUSEOperations.device(userdata).sessionInitialized()
         }
+        // Each request is counted while its handler runs (InFlightRecord).
         ops.open = { req, fi in
+            let record = CUSEOperations.device(fuse_req_userdata(req)).inFlight
+            record?.begin(); defer { record?.end() }
             _ = fuse_reply_open(req, fi)
         }
         ops.release = { req, _ in
+            let record = CUSEOperations.device(fuse_req_userdata(req)).inFlight
+            record?.begin(); defer { record?.end() }
             _ = fuse_reply_err(req, 0)
         }
         // The module's control device has no read or write: the VFS
@@ -28,6 +37,8 @@ enum CUSEOperations {
         }
         ops.ioctl = { req, command, argument, _, flags, input, inputSize, outputSize in
             guard let req else { return }
+            let record = CUSEOperations.device(fuse_req_userdata(req)).inFlight
+            record?.begin(); defer { record?.end() }
             let request = IoctlRequest(
                 command: UInt32(bitPattern: command),
                 argument: UInt64(UInt(bitPattern: argument)),

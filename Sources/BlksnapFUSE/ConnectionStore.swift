@@ -21,8 +21,10 @@ public struct KeptConnection: Sendable {
 public protocol ConnectionStore: AnyObject, Sendable {
     /// For logs: "systemd's file descriptor store", "the keeper process".
     var kind: String { get }
-    /// Duplicates of what a blksnapd before this one left; the store keeps its own.
-    func take() -> [KeptConnection]
+    /// Duplicates of what a blksnapd before this one left under names
+    /// starting with `prefix` (the device filesystem's, the CUSE device's);
+    /// the store keeps its own.
+    func take(prefix: String) -> [KeptConnection]
     func hold(_ name: String, fd: Int32) throws(BlksnapError)
     func drop(_ name: String)
     /// A clean stop: nothing kept is wanted any more.

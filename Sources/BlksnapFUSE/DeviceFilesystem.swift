@@ -183,13 +183,7 @@ public final class DeviceFilesystem: @unchecked Sendable {
             throw BlksnapError(.badFileDescriptor, "libfuse refused the kept FUSE connection")
         }
         var request = initial.request
-        request.withUnsafeMutableBytes { raw in
-            var buf = fuse_buf()
-            buf.size = raw.count
-            buf.mem = raw.baseAddress
-            buf.fd = -1
-            _ = fuse_session_process_buf(se, &buf)
-        }
+        request.withUnsafeMutableBytes { cfuse3_process_request(se, $0.baseAddress, $0.count) }
         lock.withLock {
             session = se
             adopted = true

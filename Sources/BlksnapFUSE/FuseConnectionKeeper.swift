@@ -197,14 +197,16 @@ final class KeeperClient: ConnectionStore, @unchecked Sendable {
         return sock
     }
 
-    func take() -> [KeptConnection] {
+    func take(prefix: String) -> [KeptConnection] {
         lock.withLock {
             let sock = connection(start: false)
             guard sock >= 0, FuseConnectionKeeper.send(sock, "TAKE") else { return [] }
             var kept: [KeptConnection] = []
             while let (text, fd) = FuseConnectionKeeper.receive(sock) {
                 if text.hasPrefix("FD "), fd >= 0 {
-                    kept.append(KeptConnection(name: String(text.dropFirst(3)), fd: fd))
+                    // The keeper still holds the others for their taker.
+                    let name = String(text.dropFirst(3))
+                    if name.hasPrefix(prefix) { kept.append(KeptConnection(name: name, fd: fd)) } else { Glibc.close(fd) }
                 } else {
                     if fd >= 0 { Glibc.close(fd) }
                     break

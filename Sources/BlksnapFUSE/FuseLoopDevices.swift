@@ -81,7 +81,7 @@ public final class FuseLoopDevices: DeviceMaker, @unchecked Sendable {
     /// it, and every request fails as a dead server's do.
     private func takeOver() -> Bool {
         var took = false
-        for kept in store.take() {
+        for kept in store.take(prefix: FuseInit.prefix) {
             guard !took, FuseInit(name: kept.name) != nil, DeviceFilesystem.isAlive(kept.fd) else {
                 if FuseInit(name: kept.name) != nil { store.drop(kept.name) }
                 close(kept.fd)

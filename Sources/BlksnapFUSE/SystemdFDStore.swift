@@ -47,11 +47,12 @@ final class SystemdFDStore: ConnectionStore, @unchecked Sendable {
         }
     }
 
-    func take() -> [KeptConnection] {
+    /// Each descriptor systemd passed is taken once; other names (the
+    /// unit's sockets, another part of blksnapd's) stay for their taker.
+    func take(prefix: String) -> [KeptConnection] {
         lock.withLock {
-            // Descriptors of other names (the unit's sockets) are not ours to take.
-            defer { passed = [] }
-            return passed.filter { $0.name.hasPrefix(FuseInit.prefix) }
+            defer { passed.removeAll { $0.name.hasPrefix(prefix) } }
+            return passed.filter { $0.name.hasPrefix(prefix) }
         }
     }
 

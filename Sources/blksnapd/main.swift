@@ -246,6 +246,10 @@ struct Blksnapd: ParsableCommand {
         // Routed devices and images: kernel NBD devices where the kernel
         // has them, else FUSE files with loop devices on them.
         let useNbd = devices == .nbd || (devices == .auto && KernelNbdDevices.available)
+        // Who keeps the FUSE connections (the device filesystem's, the CUSE
+        // /dev/blksnap's) across a crash of blksnapd.
+        let connectionStore = ConnectionStores.forThisProcess(keeperSocket: stateDir + "/fuse-keeper.sock", logger: logger)
+        defer { connectionStore.close() }
         let maker: any DeviceMaker
         if useNbd {
             let nbdDevices = KernelNbdDevices(server: nbd, logger: logger)
@@ -253,7 +257,7 @@ struct Blksnapd: ParsableCommand {
             nbdDevices.deadConnectionTimeout = nbdDeadTimeout
             maker = nbdDevices
         } else {
-            maker = FuseLoopDevices(mountpoint: stateDir + "/devices", logger: logger)
+            maker = FuseLoopDevices(mountpoint: stateDir + "/devices", logger: logger, store: connectionStore)
         }
         // devices.json: what a blksnapd started after this one was killed
         // finds and serves again (kernel NBD) or undoes.
@@ -308,9 +312,18 @@ struct Blksnapd: ParsableCommand {
         var cuse: CUSEDevice?
         let wantCUSE = mode == .cuse || (mode == .auto && access("/dev/cuse", F_OK) == 0)
         if wantCUSE {
-            let device = CUSEDevice(control: control)
+            var configuration = CUSEDevice.Configuration()
+            configuration.inFlightPath = stateDir + "/cuse-inflight"
+            let store = connectionStore
+            let device = CUSEDevice(control: control, configuration: configuration,
+                                    keeper: SessionKeeper(kind: store.kind, hold: { name, fd throws(BlksnapError) in try store.hold(name, fd: fd) },
+                                                          drop: { store.drop($0) }))
+            // The first kept connection is taken over; any other is stale.
+            var kept = connectionStore.take(prefix: CUSEDevice.keptPrefix).map { KeptSession(name: $0.name, fd: $0.fd) }
+            let adopting = kept.isEmpty ? nil : kept.removeFirst()
+            for stale in kept { store.drop(stale.name); close(stale.fd) }
             do {
-                try device.start()
+                try device.start(adopting: adopting)
                 cuse = device
                 logger.info("blksnapd: serving \(device.devicePath) through CUSE")
             } catch {

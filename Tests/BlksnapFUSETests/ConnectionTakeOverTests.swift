@@ -75,3 +75,17 @@ import Glibc
         #expect(kept.map(\.name) == ["one", "blksnap-devices-7-45-1"])
     }
 }
+
+extension ConnectionTakeOverTests {
+    /// The device filesystem and the CUSE device each take their own
+    /// connection from what systemd passed; neither takes the other's.
+    @Test func eachTakerGetsOnlyItsOwnNames() {
+        let me = "\(getpid())"
+        let store = SystemdFDStore(logger: Logger(label: "test"), environment: [
+            "NOTIFY_SOCKET": "/run/systemd/notify", "FDSTORE": "8", "LISTEN_PID": me, "LISTEN_FDS": "3",
+            "LISTEN_FDNAMES": "one:blksnap-devices-7-45-1:blksnap-cuse-7-38"])!
+        #expect(store.take(prefix: "blksnap-cuse").map(\.name) == ["blksnap-cuse-7-38"])
+        #expect(store.take(prefix: "blksnap-cuse").isEmpty)
+        #expect(store.take(prefix: FuseInit.prefix).map(\.fd) == [4])
+    }
+}
