@@ -50,6 +50,9 @@ cat "$scratch/verify.txt"
 check "systemd-analyze verify passes on the installed unit" test "$verified" = yes
 check "systemd-analyze verify printed no warning" test ! -s "$scratch/verify.txt"
 
+# Without a store systemd sets no $FDSTORE and blksnapd's keeper holds the
+# connections; with one, systemd holds them across a crash.
+check "the unit gives blksnapd a file descriptor store" grep -Eq '^FileDescriptorStoreMax=[1-9][0-9]*$' "$unit"
 check "the unit defers to a root storage daemon" grep -qx "ExecCondition=$prefix/sbin/blksnapd --join-root-daemon" "$unit"
 hook=$root/usr/share/initramfs-tools/hooks/blksnap
 boot_script=$root/usr/share/initramfs-tools/scripts/local-premount/blksnap
