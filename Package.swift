@@ -38,6 +38,7 @@ let package = Package(
             name: "BlksnapEngine",
             dependencies: [
                 "BlksnapABI",
+                "CBlksnapABI",
                 "CBlksnapLinux",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),
@@ -45,17 +46,34 @@ let package = Package(
         ),
         // Frontends: each a way into the engine, holding no blksnap logic.
         .target(name: "BlksnapCUSE", dependencies: ["BlksnapEngine", "CBlksnapABI", "CFuse3"]),
-        .target(name: "BlksnapLibnbd", dependencies: ["BlksnapEngine", "CLibnbd"]),
-        .target(name: "BlksnapDevices", dependencies: ["BlksnapABI", "BlksnapEngine", "CBlksnapLinux"]),
         .target(
-            name: "BlksnapFUSE",
+            name: "BlksnapLibnbd",
+            dependencies: ["BlksnapEngine", "CLibnbd", .product(name: "SystemPackage", package: "swift-system")]
+        ),
+        .target(
+            name: "BlksnapDevices",
             dependencies: [
-                "BlksnapEngine", "BlksnapDevices", "CFuse3", "CBlksnapLinux",
+                "BlksnapABI", "BlksnapEngine", "CBlksnapLinux",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
-        .target(name: "BlksnapShimServer", dependencies: ["BlksnapEngine", "CBlksnapABI", "CBlksnapLinux"]),
+        .target(
+            name: "BlksnapFUSE",
+            dependencies: [
+                "BlksnapABI", "BlksnapEngine", "BlksnapDevices", "CFuse3", "CBlksnapLinux",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        .target(
+            name: "BlksnapShimServer",
+            dependencies: [
+                "BlksnapABI", "BlksnapEngine", "CBlksnapABI", "CBlksnapLinux",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
         .target(
             name: "BlksnapNBD",
             dependencies: [
@@ -80,6 +98,7 @@ let package = Package(
         .executableTarget(
             name: "blksnapd",
             dependencies: [
+                "BlksnapABI",
                 "BlksnapEngine",
                 "BlksnapCUSE",
                 "BlksnapDevices",
@@ -134,7 +153,7 @@ let package = Package(
         ),
         .executableTarget(
             name: "blksnap-bench-engine",
-            dependencies: ["BlksnapEngine"],
+            dependencies: ["BlksnapABI", "BlksnapEngine", .product(name: "Logging", package: "swift-log")],
             path: "Sources/BenchEngine",
             // A straight-line script: top-level globals without actor ceremony.
             swiftSettings: [.swiftLanguageMode(.v5)]
@@ -153,15 +172,37 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
-        .testTarget(name: "BlksnapCUSETests", dependencies: ["BlksnapCUSE", "BlksnapEngine", "BlksnapABI", "CBlksnapABI"]),
+        .testTarget(
+            name: "BlksnapCUSETests",
+            dependencies: [
+                "BlksnapCUSE", "BlksnapEngine", "BlksnapABI", "CBlksnapABI",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         .testTarget(
             name: "BlksnapDevicesTests",
             dependencies: ["BlksnapDevices", "BlksnapEngine", "BlksnapABI", .product(name: "Logging", package: "swift-log")]
         ),
         .testTarget(name: "BlksnapBackupTests", dependencies: ["BlksnapBackup"]),
         .testTarget(name: "BlksnapFUSETests", dependencies: ["BlksnapFUSE", .product(name: "Logging", package: "swift-log")]),
-        .testTarget(name: "BlksnapNBDTests", dependencies: ["BlksnapNBD", "BlksnapEngine", "BlksnapABI"]),
-        .testTarget(name: "BlksnapServiceTests", dependencies: ["BlksnapService", "BlksnapEngine", "BlksnapABI"]),
-        .testTarget(name: "BlksnapShimServerTests", dependencies: ["BlksnapShimServer", "BlksnapEngine", "BlksnapABI", "CBlksnapABI"]),
+        .testTarget(
+            name: "BlksnapNBDTests",
+            dependencies: [
+                "BlksnapNBD", "BlksnapEngine", "BlksnapABI",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        .testTarget(
+            name: "BlksnapServiceTests",
+            dependencies: ["BlksnapService", "BlksnapEngine", "BlksnapABI", .product(name: "Logging", package: "swift-log")]
+        ),
+        .testTarget(
+            name: "BlksnapShimServerTests",
+            dependencies: [
+                "BlksnapShimServer", "BlksnapEngine", "BlksnapABI", "CBlksnapABI",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
     ]
 )
