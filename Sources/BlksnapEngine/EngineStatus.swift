@@ -1,5 +1,3 @@
-import BlksnapABI
-
 /// What `blksnapctl status` shows: every routed device, tracker, snapshot
 /// and image, as plain values taken under the engine's lock.
 public struct EngineStatus: Codable, Sendable, Equatable {
@@ -13,6 +11,11 @@ public struct EngineStatus: Codable, Sendable, Equatable {
         /// Filled in by blksnapd: the node, and the name given with attach --name.
         public var node: String? = nil
         public var name: String? = nil
+        public init(devId: String, sizeBytes: UInt64, backing: String, tracked: Bool, cbt: String? = nil,
+                    node: String? = nil, name: String? = nil) {
+            (self.devId, self.sizeBytes, self.backing, self.tracked) = (devId, sizeBytes, backing, tracked)
+            (self.cbt, self.node, self.name) = (cbt, node, name)
+        }
     }
     public struct TrackerInfo: Codable, Sendable, Equatable {
         public var devId: String
@@ -23,6 +26,11 @@ public struct EngineStatus: Codable, Sendable, Equatable {
         public var snapNumber: UInt8
         public var snapshot: String?
         public var cbtOrigin: CbtOrigin = .startedAnew
+        public init(devId: String, blockSize: UInt32, blockCount: UInt32, capacityBytes: UInt64, generationId: String,
+                    snapNumber: UInt8, snapshot: String?, cbtOrigin: CbtOrigin = .startedAnew) {
+            (self.devId, self.blockSize, self.blockCount, self.capacityBytes) = (devId, blockSize, blockCount, capacityBytes)
+            (self.generationId, self.snapNumber, self.snapshot, self.cbtOrigin) = (generationId, snapNumber, snapshot, cbtOrigin)
+        }
     }
     public struct Image: Codable, Sendable, Equatable {
         public var originalDevId: String
@@ -31,6 +39,10 @@ public struct EngineStatus: Codable, Sendable, Equatable {
         public var corrupted: Bool
         /// Filled in by blksnapd: /dev/blksnap-image<minor> (not always image0).
         public var node: String? = nil
+        public init(originalDevId: String, imageDevId: String, storedChunks: Int, corrupted: Bool, node: String? = nil) {
+            (self.originalDevId, self.imageDevId, self.storedChunks, self.corrupted) = (originalDevId, imageDevId, storedChunks, corrupted)
+            self.node = node
+        }
     }
     public struct SnapshotInfo: Codable, Sendable, Equatable {
         public var id: String
@@ -41,6 +53,12 @@ public struct EngineStatus: Codable, Sendable, Equatable {
         public var storageFilledSectors: UInt64
         public var storageRequestedSectors: UInt64
         public var images: [Image]
+        public init(id: String, taken: Bool, corrupted: Bool, devices: [String], storageCapacitySectors: UInt64,
+                    storageFilledSectors: UInt64, storageRequestedSectors: UInt64, images: [Image]) {
+            (self.id, self.taken, self.corrupted, self.devices) = (id, taken, corrupted, devices)
+            (self.storageCapacitySectors, self.storageFilledSectors) = (storageCapacitySectors, storageFilledSectors)
+            (self.storageRequestedSectors, self.images) = (storageRequestedSectors, images)
+        }
     }
     /// What blksnapd exports over NBD: one per routed device and image.
     public struct ExportInfo: Codable, Sendable, Equatable {
@@ -114,49 +132,4 @@ public struct DeclaredDevice: Codable, Sendable, Equatable {
         (self.name, self.backing, self.state, self.reason) = (name, backing, state, reason)
         (self.node, self.devId, self.link, self.cbtOrigin) = (node, devId, link, cbtOrigin)
     }
-}
-
-/// Something that can say what a backing store is, for status.
-public protocol Describable {
-    var displayName: String { get }
-}
-
-extension Engine {
-    /// One consistent picture, taken under the control lock.
-    public func status() -> EngineStatus {
-        lock.withLock {
-            let trackerInfos = trackerOrder.map { devId -> EngineStatus.TrackerInfo in
-                let t = trackers[devId]!
-                let info = t.cbtMap.info(devId: devId)
-                return .init(devId: devId.description, blockSize: info.blockSize, blockCount: info.blockCount,
-                             capacityBytes: info.deviceCapacity, generationId: info.generationId.description,
-                             snapNumber: info.snapNumber, snapshot: t.snapshot?.id.description, cbtOrigin: t.cbtOrigin)
-            }
-            let snapshotInfos = snapshots.map { s in
-                EngineStatus.SnapshotInfo(
-                    id: s.id.description, taken: s.isTaken, corrupted: s.isCorrupted, devices: s.devIds.map(\.description),
-                    storageCapacitySectors: s.storage.capacitySectors, storageFilledSectors: s.storage.filledSectors,
-                    storageRequestedSectors: s.storage.requestedSectors,
-                    images: s.images.map {
-                        .init(originalDevId: $0.originalDevId.description, imageDevId: $0.devId.description,
-                              storedChunks: $0.diffArea.storedChunks, corrupted: $0.isCorrupted)
-                    })
-            }
-            let deviceInfos = devices.values.sorted { $0.devId < $1.devId }.map { d in
-                EngineStatus.Device(devId: d.devId.description, sizeBytes: d.size,
-                                    backing: (d.backing as? Describable)?.displayName ?? "\(type(of: d.backing))",
-                                    tracked: trackers[d.devId] != nil,
-                                    cbt: d.store == nil ? nil : d.cbtOutcome.description)
-            }
-            return EngineStatus(devices: deviceInfos, trackers: trackerInfos, snapshots: snapshotInfos)
-        }
-    }
-}
-
-extension FileBlockDevice: Describable {
-    public var displayName: String { path }
-}
-
-extension MemoryBlockDevice: Describable {
-    public var displayName: String { "memory" }
 }
