@@ -34,10 +34,22 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
+        // The control socket's vocabulary, shared by blksnapd and its clients
+        // (blksnapctl links this, not the engine): frames, requests and
+        // replies, the status picture, socket and address helpers.
+        .target(
+            name: "BlksnapControlProtocol",
+            dependencies: [
+                "BlksnapABI",
+                "CBlksnapABI",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
         .target(
             name: "BlksnapEngine",
             dependencies: [
                 "BlksnapABI",
+                "BlksnapControlProtocol",
                 "CBlksnapABI",
                 "CBlksnapLinux",
                 .product(name: "Logging", package: "swift-log"),
@@ -69,7 +81,7 @@ let package = Package(
         .target(
             name: "BlksnapShimServer",
             dependencies: [
-                "BlksnapABI", "BlksnapEngine", "CBlksnapABI", "CBlksnapLinux",
+                "BlksnapABI", "BlksnapControlProtocol", "BlksnapEngine", "CBlksnapABI", "CBlksnapLinux",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
@@ -89,6 +101,7 @@ let package = Package(
         .target(
             name: "BlksnapService",
             dependencies: [
+                "BlksnapControlProtocol",
                 "BlksnapEngine",
                 "CBlksnapLinux",
                 .product(name: "Prometheus", package: "swift-prometheus"),
@@ -99,6 +112,7 @@ let package = Package(
             name: "blksnapd",
             dependencies: [
                 "BlksnapABI",
+                "BlksnapControlProtocol",
                 "BlksnapEngine",
                 "BlksnapCUSE",
                 "BlksnapDevices",
@@ -116,6 +130,7 @@ let package = Package(
             name: "blksnapctl",
             dependencies: [
                 "BlksnapABI",
+                "BlksnapControlProtocol",
                 "CBlksnapABI",
                 "BlksnapEngine",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -164,6 +179,7 @@ let package = Package(
             dependencies: ["BlksnapEngine", .product(name: "SystemPackage", package: "swift-system")]
         ),
         .testTarget(name: "BlksnapABITests", dependencies: ["BlksnapABI", "CBlksnapABI"]),
+        .testTarget(name: "BlksnapControlProtocolTests", dependencies: ["BlksnapControlProtocol"]),
         .testTarget(
             name: "BlksnapEngineTests",
             dependencies: [
@@ -195,7 +211,10 @@ let package = Package(
         ),
         .testTarget(
             name: "BlksnapServiceTests",
-            dependencies: ["BlksnapService", "BlksnapEngine", "BlksnapABI", .product(name: "Logging", package: "swift-log")]
+            dependencies: [
+                "BlksnapService", "BlksnapControlProtocol", "BlksnapEngine", "BlksnapABI",
+                .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         .testTarget(
             name: "BlksnapShimServerTests",

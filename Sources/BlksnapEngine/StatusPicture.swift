@@ -1,4 +1,5 @@
 import BlksnapABI
+import BlksnapControlProtocol
 
 /// Something that can say what a backing store is, for status.
 public protocol Describable {

@@ -1,4 +1,5 @@
 import BlksnapABI
+import BlksnapControlProtocol
 import BlksnapEngine
 import CBlksnapABI
 import CBlksnapLinux

@@ -1,5 +1,6 @@
 import ArgumentParser
 import BlksnapABI
+import BlksnapControlProtocol
 import BlksnapEngine
 import CBlksnapABI
 import FoundationEssentials

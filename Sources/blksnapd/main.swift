@@ -1,6 +1,7 @@
 import ArgumentParser
 import BlksnapABI
 import BlksnapCUSE
+import BlksnapControlProtocol
 import BlksnapDevices
 import BlksnapEngine
 import BlksnapFUSE

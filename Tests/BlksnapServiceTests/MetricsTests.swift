@@ -1,4 +1,5 @@
 import BlksnapABI
+import BlksnapControlProtocol
 import BlksnapEngine
 import Logging
 import Testing

@@ -1,5 +1,5 @@
 import Testing
-@testable import BlksnapService
+@testable import BlksnapControlProtocol
 #if canImport(Glibc)
 import Glibc
 #endif
