@@ -1,5 +1,6 @@
-/// What `blksnapctl status` shows: every routed device, tracker, snapshot
-/// and image, as plain values taken under the engine's lock.
+/// The engine's part of what `blksnapctl status` shows: every routed
+/// device, tracker, snapshot and image, as plain values taken under the
+/// engine's lock. blksnapd completes it into a `DaemonStatus`.
 public struct EngineStatus: Codable, Sendable, Equatable {
     public struct Device: Codable, Sendable, Equatable {
         public var devId: String
@@ -60,39 +61,12 @@ public struct EngineStatus: Codable, Sendable, Equatable {
             (self.storageRequestedSectors, self.images) = (storageRequestedSectors, images)
         }
     }
-    /// What blksnapd exports over NBD: one per routed device and image.
-    public struct ExportInfo: Codable, Sendable, Equatable {
-        public var name: String
-        public var devId: String
-        public var uri: String
-        public init(name: String, devId: String, uri: String) {
-            (self.name, self.devId, self.uri) = (name, devId, uri)
-        }
-    }
     public var devices: [Device]
     public var trackers: [TrackerInfo]
     public var snapshots: [SnapshotInfo]
-    public var exports: [ExportInfo] = []
-    /// Devices declared in blksnapd's configuration, routed or not.
-    public var declared: [DeclaredDevice] = []
 
-    public init(devices: [Device], trackers: [TrackerInfo], snapshots: [SnapshotInfo], exports: [ExportInfo] = [],
-                declared: [DeclaredDevice] = []) {
-        (self.devices, self.trackers, self.snapshots, self.exports) = (devices, trackers, snapshots, exports)
-        self.declared = declared
-    }
-
-    // Fields added later decode with their defaults, so a blksnapctl reads
-    // the status of an older blksnapd.
-    private enum CodingKeys: String, CodingKey { case devices, trackers, snapshots, exports, declared }
-
-    public init(from decoder: any Decoder) throws {
-        let c = try decoder.container(keyedBy: CodingKeys.self)
-        devices = try c.decode([Device].self, forKey: .devices)
-        trackers = try c.decode([TrackerInfo].self, forKey: .trackers)
-        snapshots = try c.decode([SnapshotInfo].self, forKey: .snapshots)
-        exports = try c.decodeIfPresent([ExportInfo].self, forKey: .exports) ?? []
-        declared = try c.decodeIfPresent([DeclaredDevice].self, forKey: .declared) ?? []
+    public init(devices: [Device], trackers: [TrackerInfo], snapshots: [SnapshotInfo]) {
+        (self.devices, self.trackers, self.snapshots) = (devices, trackers, snapshots)
     }
 }
 

@@ -27,7 +27,7 @@ public final class ControlServer: @unchecked Sendable {
     private var connections: Set<Int32> = []
     private var stopped = false
     /// The picture STATUS sends; the daemon adds what only it knows.
-    public var status: (@Sendable () -> EngineStatus)?
+    public var status: (@Sendable () -> DaemonStatus)?
     /// Answers ATTACH and DETACH (the data plane); nil refuses them.
     public var deviceRequests: (@Sendable (UInt32, [UInt8]) -> (Int32, [UInt8]))?
     /// Who may send requests: root. Tests swap it to play a stranger.
@@ -197,7 +197,7 @@ public final class ControlServer: @unchecked Sendable {
             guard let payload = SocketIO.readBytes(fd, count: Int(request.payload_length)) else { return nil }
             switch request.type {
             case BLKSNAP_CONTROL_STATUS.rawValue:
-                let picture = status?() ?? control.engine.status()
+                let picture = status?() ?? DaemonStatus(engine: control.engine.status())
                 let json = (try? JSONEncoder().encode(picture)).map { Array($0) } ?? []
                 return Self.reply(result: 0, payload: json)
             case BLKSNAP_CONTROL_ATTACH.rawValue, BLKSNAP_CONTROL_DETACH.rawValue:

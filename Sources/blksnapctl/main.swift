@@ -68,7 +68,7 @@ struct Status: ParsableCommand {
             print(String(decoding: payload, as: UTF8.self))
             return
         }
-        let status = try JSONDecoder().decode(EngineStatus.self, from: Data(payload))
+        let status = try JSONDecoder().decode(DaemonStatus.self, from: Data(payload))
         // The CBT column says how tracking began, with why where the routed
         // device knows it (a new generation's reason, regions after a crash).
         let cbtDetail = Dictionary(status.devices.compactMap { d in d.cbt.map { (d.devId, $0) } }) { a, _ in a }

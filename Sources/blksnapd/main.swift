@@ -272,7 +272,7 @@ struct Blksnapd: ParsableCommand {
                                     device: device, changes: Export.cbtSource(engine: engine, devId: original ?? devId))
                 do {
                     try nbd.add(export)
-                    exports.add(EngineStatus.ExportInfo(name: name, devId: devId.description,
+                    exports.add(DaemonStatus.ExportInfo(name: name, devId: devId.description,
                                                         uri: "nbd+unix:///\(name)?socket=\(nbdSocket)"))
                 } catch {
                     exportLogger.error("blksnapd: cannot export \(name) over NBD: \(error)")
@@ -291,8 +291,8 @@ struct Blksnapd: ParsableCommand {
 
         let control = Control(engine: engine)
         let server = ControlServer(path: stateDir + "/control.sock", control: control, logger: logger)
-        let status: @Sendable () -> EngineStatus = { [weak engine] in
-            var status = engine?.status() ?? EngineStatus(devices: [], trackers: [], snapshots: [])
+        let status: @Sendable () -> DaemonStatus = { [weak engine] in
+            var status = DaemonStatus(engine: engine?.status() ?? EngineStatus(devices: [], trackers: [], snapshots: []))
             status.exports = exports.all
             DeviceRequests.describe(&status, dataPlane, engine)
             return status
@@ -463,7 +463,7 @@ enum DeviceRequests {
 
 extension DeviceRequests {
     /// What only the data plane knows: nodes, names, declared devices.
-    static func describe(_ status: inout EngineStatus, _ plane: DataPlane, _ engine: Engine?) {
+    static func describe(_ status: inout DaemonStatus, _ plane: DataPlane, _ engine: Engine?) {
         let nodes = plane.nodes
         let names = plane.names
         for i in status.devices.indices {
@@ -489,8 +489,8 @@ extension DeviceRequests {
 /// The NBD exports of the moment, for status.
 final class ExportList: @unchecked Sendable {
     private let lock = Lock()
-    private var list: [EngineStatus.ExportInfo] = []
-    func add(_ e: EngineStatus.ExportInfo) { lock.withLock { list.append(e) } }
+    private var list: [DaemonStatus.ExportInfo] = []
+    func add(_ e: DaemonStatus.ExportInfo) { lock.withLock { list.append(e) } }
     func remove(_ name: String) { lock.withLock { list.removeAll { $0.name == name } } }
-    var all: [EngineStatus.ExportInfo] { lock.withLock { list } }
+    var all: [DaemonStatus.ExportInfo] { lock.withLock { list } }
 }
