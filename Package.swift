@@ -65,7 +65,7 @@ let package = Package(
         .target(
             name: "BlksnapDevices",
             dependencies: [
-                "BlksnapABI", "BlksnapEngine", "CBlksnapLinux",
+                "BlksnapABI", "BlksnapControlProtocol", "BlksnapEngine", "CBlksnapLinux",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
@@ -91,6 +91,7 @@ let package = Package(
             dependencies: [
                 "BlksnapEngine",
                 "BlksnapABI",
+                "BlksnapControlProtocol",
                 "BlksnapDevices",
                 "CBlksnapLinux",
                 .product(name: "Logging", package: "swift-log"),
@@ -132,7 +133,6 @@ let package = Package(
                 "BlksnapABI",
                 "BlksnapControlProtocol",
                 "CBlksnapABI",
-                "BlksnapEngine",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -179,7 +179,7 @@ let package = Package(
             dependencies: ["BlksnapEngine", .product(name: "SystemPackage", package: "swift-system")]
         ),
         .testTarget(name: "BlksnapABITests", dependencies: ["BlksnapABI", "CBlksnapABI"]),
-        .testTarget(name: "BlksnapControlProtocolTests", dependencies: ["BlksnapControlProtocol"]),
+        .testTarget(name: "BlksnapControlProtocolTests", dependencies: ["BlksnapControlProtocol", "BlksnapABI", "CBlksnapABI"]),
         .testTarget(
             name: "BlksnapEngineTests",
             dependencies: [

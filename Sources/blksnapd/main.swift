@@ -404,16 +404,13 @@ struct StateDirectory {
 
 /// blksnapctl attach and detach, as JSON over the control socket.
 enum DeviceRequests {
-    struct Attach: Codable { var backing: String; var size: UInt64?; var live: Bool?; var name: String?; var persist: Bool? }
-    struct Detach: Codable { var device: String; var live: Bool?; var forget: Bool? }
-    struct Message: Codable { var error: String }
 
     static func answer(_ type: UInt32, _ payload: [UInt8], _ plane: DataPlane, configDir: String,
                        logger: Logger) -> (Int32, [UInt8]) {
         do {
             switch type {
             case BLKSNAP_CONTROL_ATTACH.rawValue:
-                let request = try JSONDecoder().decode(Attach.self, from: Data(payload))
+                let request = try JSONDecoder().decode(AttachRequest.self, from: Data(payload))
                 if request.persist == true && request.name == nil {
                     throw BlksnapError(.invalidArgument, "--persist declares a device by its name; give one with --name")
                 }
@@ -437,7 +434,7 @@ enum DeviceRequests {
                 }
                 return (0, Array(try JSONEncoder().encode(attached)))
             default:
-                let request = try JSONDecoder().decode(Detach.self, from: Data(payload))
+                let request = try JSONDecoder().decode(DetachRequest.self, from: Data(payload))
                 let devId = plane.resolve(request.device)
                 let name = devId.flatMap { plane.name(of: $0) } ?? request.device
                 if let devId {
@@ -454,9 +451,9 @@ enum DeviceRequests {
             }
         } catch let error as BlksnapError {
             logger.error("blksnapd: \(error)")
-            return (-error.errno.rawValue, Array((try? JSONEncoder().encode(Message(error: error.message))) ?? Data()))
+            return (-error.errno.rawValue, Array((try? JSONEncoder().encode(Refusal(error: error.message))) ?? Data()))
         } catch {
-            return (-EINVAL, Array((try? JSONEncoder().encode(Message(error: "malformed request: \(error)"))) ?? Data()))
+            return (-EINVAL, Array((try? JSONEncoder().encode(Refusal(error: "malformed request: \(error)"))) ?? Data()))
         }
     }
 }
