@@ -159,6 +159,7 @@ let package = Package(
         .executableTarget(
             name: "blksnap-nbd-serve",
             dependencies: [
+                "BlksnapControlProtocol",
                 "BlksnapNBD",
                 "BlksnapEngine",
                 "BlksnapABI",

@@ -236,11 +236,11 @@ struct Blksnapd: ParsableCommand {
         }
         try nbd.listen(unixSocket: nbdSocket, group: nbd.policy.group)
         if let nbdTcp {
-            let parts = nbdTcp.split(separator: ":")
-            guard parts.count == 2, let port = UInt16(parts[1]) else {
-                throw ValidationError("--nbd-tcp takes HOST:PORT, e.g. 127.0.0.1:10809")
+            let address: ListenAddress
+            do { address = try ListenAddress(parsing: nbdTcp, anyPort: true) } catch {
+                throw ValidationError("--nbd-tcp takes HOST:PORT, e.g. 127.0.0.1:10809 or [::1]:10809: \(error)")
             }
-            _ = try nbd.listen(tcpHost: String(parts[0]), port: port)
+            _ = try nbd.listen(tcpHost: address.host, port: address.port)
         }
         defer { nbd.stop() }
 
