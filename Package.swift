@@ -92,8 +92,16 @@ let package = Package(
                 "BlksnapEngine",
                 "BlksnapABI",
                 "BlksnapControlProtocol",
-                "BlksnapDevices",
-                "CBlksnapLinux",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        // Device makers beside BlksnapFUSE: kernel NBD devices, served by
+        // this process's NBD server over socketpairs.
+        .target(
+            name: "BlksnapKernelNBD",
+            dependencies: [
+                "BlksnapABI", "BlksnapDevices", "BlksnapEngine", "BlksnapNBD", "CBlksnapLinux",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
@@ -118,6 +126,7 @@ let package = Package(
                 "BlksnapCUSE",
                 "BlksnapDevices",
                 "BlksnapFUSE",
+                "BlksnapKernelNBD",
                 "BlksnapLibnbd",
                 "BlksnapNBD",
                 "BlksnapService",

@@ -5,6 +5,7 @@ import BlksnapControlProtocol
 import BlksnapDevices
 import BlksnapEngine
 import BlksnapFUSE
+import BlksnapKernelNBD
 import BlksnapLibnbd
 import BlksnapNBD
 import BlksnapService
