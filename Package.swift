@@ -8,7 +8,7 @@ let package = Package(
     products: [
         .library(name: "BlksnapEngine", targets: ["BlksnapEngine"]),
         // For the fuzz harnesses (fuzz/Package.swift), a package of their own.
-        .library(name: "BlksnapParsers", targets: ["CBlksnapABI", "BlksnapABI", "BlksnapCUSE", "BlksnapNBD", "BlksnapShimServer"]),
+        .library(name: "BlksnapParsers", targets: ["CBlksnapABI", "BlksnapABI", "BlksnapCUSE", "BlksnapNBD", "BlksnapControlServer"]),
         .executable(name: "blksnapd", targets: ["blksnapd"]),
         .executable(name: "blksnapctl", targets: ["blksnapctl"]),
         .executable(name: "blksnap-backup", targets: ["blksnap-backup"]),
@@ -79,7 +79,7 @@ let package = Package(
             ]
         ),
         .target(
-            name: "BlksnapShimServer",
+            name: "BlksnapControlServer",
             dependencies: [
                 "BlksnapABI", "BlksnapControlProtocol", "BlksnapEngine", "CBlksnapABI", "CBlksnapLinux",
                 .product(name: "Logging", package: "swift-log"),
@@ -130,7 +130,7 @@ let package = Package(
                 "BlksnapLibnbd",
                 "BlksnapNBD",
                 "BlksnapService",
-                "BlksnapShimServer",
+                "BlksnapControlServer",
                 "CBlksnapABI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -227,9 +227,9 @@ let package = Package(
             ]
         ),
         .testTarget(
-            name: "BlksnapShimServerTests",
+            name: "BlksnapControlServerTests",
             dependencies: [
-                "BlksnapShimServer", "BlksnapEngine", "BlksnapABI", "CBlksnapABI",
+                "BlksnapControlServer", "BlksnapEngine", "BlksnapABI", "CBlksnapABI",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

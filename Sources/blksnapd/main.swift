@@ -9,7 +9,7 @@ import BlksnapKernelNBD
 import BlksnapLibnbd
 import BlksnapNBD
 import BlksnapService
-import BlksnapShimServer
+import BlksnapControlServer
 import CBlksnapABI
 import FoundationEssentials
 import Logging
