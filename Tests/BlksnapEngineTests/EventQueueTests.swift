@@ -25,7 +25,13 @@ import Glibc
 
     @Test func closingWakesWaitersWithESRCH() {
         let q = EventQueue()
-        startThread { usleep(20_000); q.close() }
-        #expect { try q.wait(timeoutMs: 5000) } throws: { ($0 as? BlksnapError)?.errno == .noSuchProcess }
+        startThread {
+            let asleepBy = ContinuousClock.now + .seconds(5)
+            while q.waiters == 0 && ContinuousClock.now < asleepBy { sched_yield() }
+            // Closed only once a waiter sleeps: unseen, the wait times out
+            // with ENOENT and the test fails.
+            if q.waiters == 1 { q.close() }
+        }
+        #expect { try q.wait(timeoutMs: 10_000) } throws: { ($0 as? BlksnapError)?.errno == .noSuchProcess }
     }
 }
