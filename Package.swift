@@ -1,7 +1,9 @@
 // swift-tools-version:6.0
 import PackageDescription
 
-// Modules depend one way: ABI -> engine -> frontends -> executables.
+// Modules depend one way: ABI -> control protocol -> engine -> device makers
+// and protocols -> executables (README, Architecture); tools/check-imports
+// keeps every import declared here.
 let package = Package(
     name: "blksnap-swift",
     platforms: [.macOS(.v15)],
