@@ -67,7 +67,7 @@ let package = Package(
         .target(
             name: "BlksnapDevices",
             dependencies: [
-                "BlksnapABI", "BlksnapControlProtocol", "BlksnapEngine", "CBlksnapLinux",
+                "BlksnapABI", "BlksnapControlProtocol", "BlksnapEngine", "CBlksnapABI", "CBlksnapLinux",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
@@ -209,14 +209,17 @@ let package = Package(
         ),
         .testTarget(
             name: "BlksnapDevicesTests",
-            dependencies: ["BlksnapDevices", "BlksnapEngine", "BlksnapABI", .product(name: "Logging", package: "swift-log")]
+            dependencies: [
+                "BlksnapDevices", "BlksnapControlProtocol", "BlksnapEngine", "BlksnapABI", "CBlksnapABI",
+                .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         .testTarget(name: "BlksnapBackupTests", dependencies: ["BlksnapBackup"]),
         .testTarget(name: "BlksnapFUSETests", dependencies: ["BlksnapFUSE", .product(name: "Logging", package: "swift-log")]),
         .testTarget(
             name: "BlksnapNBDTests",
             dependencies: [
-                "BlksnapNBD", "BlksnapEngine", "BlksnapABI",
+                "BlksnapNBD", "BlksnapControlProtocol", "BlksnapEngine", "BlksnapABI",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
