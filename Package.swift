@@ -188,7 +188,7 @@ let package = Package(
         // Test support, never linked into blksnapd: disks that fail on purpose.
         .target(
             name: "BlksnapTestSupport",
-            dependencies: ["BlksnapEngine", .product(name: "SystemPackage", package: "swift-system")]
+            dependencies: ["BlksnapABI", "BlksnapEngine", .product(name: "SystemPackage", package: "swift-system")]
         ),
         .testTarget(name: "BlksnapABITests", dependencies: ["BlksnapABI", "CBlksnapABI"]),
         .testTarget(name: "BlksnapControlProtocolTests", dependencies: ["BlksnapControlProtocol", "BlksnapABI", "CBlksnapABI"]),
@@ -203,7 +203,7 @@ let package = Package(
         .testTarget(
             name: "BlksnapCUSETests",
             dependencies: [
-                "BlksnapCUSE", "BlksnapEngine", "BlksnapABI", "CBlksnapABI",
+                "BlksnapCUSE", "BlksnapEngine", "BlksnapABI", "BlksnapTestSupport", "CBlksnapABI",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
