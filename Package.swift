@@ -1,14 +1,16 @@
 // swift-tools-version:6.0
 import PackageDescription
 
-// Modules depend one way: ABI -> engine -> frontends -> executables.
+// Modules depend one way: ABI -> control protocol -> engine -> device makers
+// and protocols -> executables (README, Architecture); tools/check-imports
+// keeps every import declared here.
 let package = Package(
     name: "blksnap-swift",
     platforms: [.macOS(.v15)],
     products: [
         .library(name: "BlksnapEngine", targets: ["BlksnapEngine"]),
         // For the fuzz harnesses (fuzz/Package.swift), a package of their own.
-        .library(name: "BlksnapParsers", targets: ["CBlksnapABI", "BlksnapABI", "BlksnapCUSE", "BlksnapNBD", "BlksnapShimServer"]),
+        .library(name: "BlksnapParsers", targets: ["CBlksnapABI", "BlksnapABI", "BlksnapCUSE", "BlksnapNBD", "BlksnapControlServer"]),
         .executable(name: "blksnapd", targets: ["blksnapd"]),
         .executable(name: "blksnapctl", targets: ["blksnapctl"]),
         .executable(name: "blksnap-backup", targets: ["blksnap-backup"]),
@@ -34,10 +36,23 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
+        // The control socket's vocabulary, shared by blksnapd and its clients
+        // (blksnapctl links this, not the engine): frames, requests and
+        // replies, the status picture, socket and address helpers.
+        .target(
+            name: "BlksnapControlProtocol",
+            dependencies: [
+                "BlksnapABI",
+                "CBlksnapABI",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
         .target(
             name: "BlksnapEngine",
             dependencies: [
                 "BlksnapABI",
+                "BlksnapControlProtocol",
+                "CBlksnapABI",
                 "CBlksnapLinux",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),
@@ -45,24 +60,50 @@ let package = Package(
         ),
         // Frontends: each a way into the engine, holding no blksnap logic.
         .target(name: "BlksnapCUSE", dependencies: ["BlksnapEngine", "CBlksnapABI", "CFuse3"]),
-        .target(name: "BlksnapLibnbd", dependencies: ["BlksnapEngine", "CLibnbd"]),
-        .target(name: "BlksnapDevices", dependencies: ["BlksnapABI", "BlksnapEngine", "CBlksnapLinux"]),
         .target(
-            name: "BlksnapFUSE",
+            name: "BlksnapLibnbd",
+            dependencies: ["BlksnapEngine", "CLibnbd", .product(name: "SystemPackage", package: "swift-system")]
+        ),
+        .target(
+            name: "BlksnapDevices",
             dependencies: [
-                "BlksnapEngine", "BlksnapDevices", "CFuse3", "CBlksnapLinux",
+                "BlksnapABI", "BlksnapControlProtocol", "BlksnapEngine", "CBlksnapABI", "CBlksnapLinux",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
-        .target(name: "BlksnapShimServer", dependencies: ["BlksnapEngine", "CBlksnapABI", "CBlksnapLinux"]),
+        .target(
+            name: "BlksnapFUSE",
+            dependencies: [
+                "BlksnapABI", "BlksnapEngine", "BlksnapDevices", "CFuse3", "CBlksnapLinux",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        .target(
+            name: "BlksnapControlServer",
+            dependencies: [
+                "BlksnapABI", "BlksnapControlProtocol", "BlksnapEngine", "CBlksnapABI", "CBlksnapLinux",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
         .target(
             name: "BlksnapNBD",
             dependencies: [
                 "BlksnapEngine",
                 "BlksnapABI",
-                "BlksnapDevices",
-                "CBlksnapLinux",
+                "BlksnapControlProtocol",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        // Device makers beside BlksnapFUSE: kernel NBD devices, served by
+        // this process's NBD server over socketpairs.
+        .target(
+            name: "BlksnapKernelNBD",
+            dependencies: [
+                "BlksnapABI", "BlksnapDevices", "BlksnapEngine", "BlksnapNBD", "CBlksnapLinux",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
@@ -71,6 +112,7 @@ let package = Package(
         .target(
             name: "BlksnapService",
             dependencies: [
+                "BlksnapControlProtocol",
                 "BlksnapEngine",
                 "CBlksnapLinux",
                 .product(name: "Prometheus", package: "swift-prometheus"),
@@ -80,14 +122,17 @@ let package = Package(
         .executableTarget(
             name: "blksnapd",
             dependencies: [
+                "BlksnapABI",
+                "BlksnapControlProtocol",
                 "BlksnapEngine",
                 "BlksnapCUSE",
                 "BlksnapDevices",
                 "BlksnapFUSE",
+                "BlksnapKernelNBD",
                 "BlksnapLibnbd",
                 "BlksnapNBD",
                 "BlksnapService",
-                "BlksnapShimServer",
+                "BlksnapControlServer",
                 "CBlksnapABI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -97,8 +142,8 @@ let package = Package(
             name: "blksnapctl",
             dependencies: [
                 "BlksnapABI",
+                "BlksnapControlProtocol",
                 "CBlksnapABI",
-                "BlksnapEngine",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -125,6 +170,7 @@ let package = Package(
         .executableTarget(
             name: "blksnap-nbd-serve",
             dependencies: [
+                "BlksnapControlProtocol",
                 "BlksnapNBD",
                 "BlksnapEngine",
                 "BlksnapABI",
@@ -134,7 +180,7 @@ let package = Package(
         ),
         .executableTarget(
             name: "blksnap-bench-engine",
-            dependencies: ["BlksnapEngine"],
+            dependencies: ["BlksnapABI", "BlksnapEngine", .product(name: "Logging", package: "swift-log")],
             path: "Sources/BenchEngine",
             // A straight-line script: top-level globals without actor ceremony.
             swiftSettings: [.swiftLanguageMode(.v5)]
@@ -142,9 +188,10 @@ let package = Package(
         // Test support, never linked into blksnapd: disks that fail on purpose.
         .target(
             name: "BlksnapTestSupport",
-            dependencies: ["BlksnapEngine", .product(name: "SystemPackage", package: "swift-system")]
+            dependencies: ["BlksnapABI", "BlksnapEngine", .product(name: "SystemPackage", package: "swift-system")]
         ),
         .testTarget(name: "BlksnapABITests", dependencies: ["BlksnapABI", "CBlksnapABI"]),
+        .testTarget(name: "BlksnapControlProtocolTests", dependencies: ["BlksnapControlProtocol", "BlksnapABI", "CBlksnapABI"]),
         .testTarget(
             name: "BlksnapEngineTests",
             dependencies: [
@@ -153,15 +200,43 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
-        .testTarget(name: "BlksnapCUSETests", dependencies: ["BlksnapCUSE", "BlksnapEngine", "BlksnapABI", "CBlksnapABI"]),
+        .testTarget(
+            name: "BlksnapCUSETests",
+            dependencies: [
+                "BlksnapCUSE", "BlksnapEngine", "BlksnapABI", "BlksnapTestSupport", "CBlksnapABI",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         .testTarget(
             name: "BlksnapDevicesTests",
-            dependencies: ["BlksnapDevices", "BlksnapEngine", "BlksnapABI", .product(name: "Logging", package: "swift-log")]
+            dependencies: [
+                "BlksnapDevices", "BlksnapControlProtocol", "BlksnapEngine", "BlksnapABI", "CBlksnapABI",
+                .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         .testTarget(name: "BlksnapBackupTests", dependencies: ["BlksnapBackup"]),
         .testTarget(name: "BlksnapFUSETests", dependencies: ["BlksnapFUSE", .product(name: "Logging", package: "swift-log")]),
-        .testTarget(name: "BlksnapNBDTests", dependencies: ["BlksnapNBD", "BlksnapEngine", "BlksnapABI"]),
-        .testTarget(name: "BlksnapServiceTests", dependencies: ["BlksnapService", "BlksnapEngine", "BlksnapABI"]),
-        .testTarget(name: "BlksnapShimServerTests", dependencies: ["BlksnapShimServer", "BlksnapEngine", "BlksnapABI", "CBlksnapABI"]),
+        .testTarget(
+            name: "BlksnapNBDTests",
+            dependencies: [
+                "BlksnapNBD", "BlksnapControlProtocol", "BlksnapEngine", "BlksnapABI",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        .testTarget(
+            name: "BlksnapServiceTests",
+            dependencies: [
+                "BlksnapService", "BlksnapControlProtocol", "BlksnapEngine", "BlksnapABI",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(
+            name: "BlksnapControlServerTests",
+            dependencies: [
+                "BlksnapControlServer", "BlksnapEngine", "BlksnapABI", "CBlksnapABI",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
     ]
 )

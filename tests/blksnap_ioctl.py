@@ -40,10 +40,13 @@ class TrackerRemove(ctypes.Structure): _fields_ = [("dev_id", DevT)]
 
 assert ctypes.sizeof(Append) == 40 and ctypes.sizeof(Event) == 4096 and ctypes.sizeof(CbtInfo) == 48
 
+# The request numbers by command number; `blksnap_ioctl.py numbers` prints
+# them, and tools/test compares that with what <blksnap/blk_snap.h> gives.
+NUMBERS = {0: IOW(0, 8), 1: IOW(1, 8), 2: IOW(2, 16), 3: IOR(3, 24), 5: IOW(5, 32), 6: IOR(6, 16),
+           7: IOW(7, 40), 8: IOR(8, 16), 10: IOW(10, 32), 11: IOW(11, 4096)}
+
 def call(fd, nr, arg, writes_arg=True):
-    number = {0: IOW(0, 8), 1: IOW(1, 8), 2: IOW(2, 16), 3: IOR(3, 24), 5: IOW(5, 32), 6: IOR(6, 16),
-              7: IOW(7, 40), 8: IOR(8, 16), 10: IOW(10, 32), 11: IOW(11, 4096)}[nr]
-    r = libc.ioctl(fd, number, ctypes.addressof(arg))
+    r = libc.ioctl(fd, NUMBERS[nr], ctypes.addressof(arg))
     if r < 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
@@ -88,6 +91,10 @@ def fiemap(path):
 
 def main(argv):
     cmd, args = argv[1], argv[2:]
+    if cmd == "numbers":
+        for nr, number in sorted(NUMBERS.items()):
+            print(f"{nr} {number:#x}")
+        return 0
     fd = os.open("/dev/blksnap", os.O_RDWR)
     if cmd == "create":
         devs = (DevT * len(args))(*[dev_of(a) for a in args])

@@ -30,6 +30,14 @@ check() {  # check DESCRIPTION COMMAND...
     local what=$1; shift
     if "$@"; then echo "ok - $what"; passed=$((passed + 1)); else echo "not ok - $what"; failed=$((failed + 1)); fi
 }
+check_quiet() {  # check_quiet DESCRIPTION COMMAND...: the command's output shows only if it fails
+    local what=$1; shift
+    if "$@" >"$scratch/check.out" 2>&1; then
+        echo "ok - $what"; passed=$((passed + 1))
+    else
+        echo "not ok - $what"; sed 's/^/#   /' "$scratch/check.out"; failed=$((failed + 1))
+    fi
+}
 finish() { echo "$(basename "$0" .sh): $passed passed, $failed failed"; [ "$failed" -eq 0 ]; }
 
 scratch=$(mktemp -d /tmp/blksnap-test.XXXXXX)

@@ -1,4 +1,5 @@
 import BlksnapABI
+import BlksnapControlProtocol
 import BlksnapEngine
 import CBlksnapLinux
 import Logging
@@ -17,14 +18,7 @@ import Glibc
 /// routed devices again where the maker can (kernel NBD), and undoes the
 /// rest.
 public final class DataPlane: SnapshotHooks, @unchecked Sendable {
-    public struct Attached: Sendable, Equatable, Codable {
-        public var node: String
-        public var devId: String
-        public var backing: String
-        public var sizeBytes: UInt64
-        /// /dev/disk/by-blksnap/NAME of a named device.
-        public var link: String?
-    }
+    public typealias Attached = AttachReply
 
     /// A declared device at start: routed, missing or refused, and why.
     public struct DeclaredState: Sendable, Equatable {

@@ -1,4 +1,5 @@
 import BlksnapABI
+import BlksnapControlProtocol
 import SystemPackage
 #if canImport(Glibc)
 import Glibc

@@ -1,4 +1,5 @@
 import BlksnapABI
+import BlksnapControlProtocol
 import Synchronization
 
 /// What one routed device has done since it was routed, for the daemon's

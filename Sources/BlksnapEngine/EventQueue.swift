@@ -19,6 +19,7 @@ public final class EventQueue: @unchecked Sendable {
     private var events: [SnapshotEvent] = []
     private var head = 0
     private var closed = false
+    private var sleeping = 0
     private let counters: EngineCounters?
 
     public init(counters: EngineCounters? = nil) {
@@ -50,7 +51,10 @@ public final class EventQueue: @unchecked Sendable {
                 return event
             }
             if closed { throw BlksnapError(.noSuchProcess, "the snapshot was destroyed") }
-            if !condition.wait(lock, untilMonotonic: deadline) && head == events.count && !closed {
+            sleeping += 1
+            let woken = condition.wait(lock, untilMonotonic: deadline)
+            sleeping -= 1
+            if !woken && head == events.count && !closed {
                 throw BlksnapError(.noSuchFileOrDirectory, "no event within \(timeoutMs) ms")
             }
         }
@@ -61,6 +65,10 @@ public final class EventQueue: @unchecked Sendable {
         lock.withLock { closed = true }
         condition.broadcast()
     }
+
+    /// Callers asleep in `wait` right now: a test's signal that a waiter
+    /// is there to be woken, where a sleep would only guess.
+    public var waiters: Int { lock.withLock { sleeping } }
 
     /// Events queued and not yet taken.
     public var pending: [SnapshotEvent] { lock.withLock { Array(events[head...]) } }

@@ -39,8 +39,6 @@ public final class LogFile: @unchecked Sendable {
         if path != nil { append(printkLevel: 6, "Start log for module blksnap-swift, level \(level)") }
     }
 
-    public var currentPath: String? { lock.withLock { path } }
-
     /// printk's numbers: 0 emergency ... 3 error, 4 warning, 5 notice,
     /// 6 info, 7 debug.
     static func printkLevel(_ level: Logger.Level) -> UInt32 {

@@ -16,6 +16,8 @@ public final class Snapshot: @unchecked Sendable {
     let trackers: [Tracker]
     let storage: DiffStorage
     let events: EventQueue
+    /// Callers asleep in WAIT_EVENT on this snapshot.
+    public var eventWaiters: Int { events.waiters }
     var isTaken = false
     var diffAreas: [DiffArea] = []
     var images: [SnapImage] = []

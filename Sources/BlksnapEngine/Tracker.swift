@@ -1,4 +1,5 @@
 import BlksnapABI
+import BlksnapControlProtocol
 
 /// Change tracking for one routed device (upstream `tracker.c`).
 ///

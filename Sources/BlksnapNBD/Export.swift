@@ -55,7 +55,7 @@ public struct Export: Sendable {
     var minimumBlockSize: UInt32 { UInt32(max(device.alignment, 1)) }
 
     /// The transmission flags of this export on a connection.
-    func transmissionFlags(structuredReplies: Bool) -> UInt16 {
+    public func transmissionFlags(structuredReplies: Bool) -> UInt16 {
         var flags = NBD.flagHasFlags | NBD.flagSendFlush | NBD.flagCanMultiConn
         if readOnly {
             flags |= NBD.flagReadOnly

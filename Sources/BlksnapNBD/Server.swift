@@ -1,3 +1,4 @@
+import BlksnapControlProtocol
 import BlksnapEngine
 import Logging
 import SystemPackage
@@ -98,45 +99,8 @@ public final class Server: @unchecked Sendable {
     /// is replaced; any other file there is an error (EEXIST). With
     /// `group`, the socket is that group's too (mode 0660).
     public func listen(unixSocket path: String, group: gid_t? = nil) throws(BlksnapError) {
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        let capacity = MemoryLayout.size(ofValue: address.sun_path)
-        guard !bytes.isEmpty, bytes.count < capacity else {
-            throw BlksnapError(.fileNameTooLong, "socket path \(path) is longer than \(capacity - 1) bytes")
-        }
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            raw.copyBytes(from: bytes)
-            raw[bytes.count] = 0
-        }
-        var st = stat()
-        if lstat(path, &st) == 0 {
-            guard (st.st_mode & S_IFMT) == S_IFSOCK else {
-                throw BlksnapError(.fileExists, "\(path) exists and is not a socket")
-            }
-            unlink(path)
-        }
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw Self.error("socket") }
-        let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-            }
-        }
-        guard bound == 0 else {
-            let e = Self.error("bind", path)
-            Glibc.close(fd)
-            throw e
-        }
-        // Nobody can connect before listen(), so tightening the mode here,
-        // after bind made the file under the umask, leaves no window.
-        let grouped = group.map { chown(path, 0, $0) == 0 && chmod(path, 0o660) == 0 } ?? (chmod(path, 0o600) == 0)
-        guard grouped, Glibc.listen(fd, SOMAXCONN) == 0 else {
-            let e = Self.error("chmod/listen", path)
-            Glibc.close(fd)
-            unlink(path)
-            throw e
-        }
+        let fd: Int32
+        do { fd = try UnixSocket.listen(path: path, group: group) } catch { throw BlksnapError(error.errno, error.message) }
         try start(Listener(fd: fd, unixPath: path, description: "unix:\(path)"))
     }
 

@@ -1,3 +1,4 @@
+import BlksnapControlProtocol
 import BlksnapEngine
 import CBlksnapLinux
 import SystemPackage

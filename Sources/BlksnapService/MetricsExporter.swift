@@ -1,3 +1,4 @@
+import BlksnapControlProtocol
 import BlksnapEngine
 import Prometheus
 
@@ -13,9 +14,9 @@ public struct MetricsExporter: Sendable {
     /// What is read at each scrape: the engine, and the status the daemon
     /// completes (declared devices, exports) before showing it.
     let engine: Engine
-    let status: @Sendable () -> EngineStatus
+    let status: @Sendable () -> DaemonStatus
 
-    public init(engine: Engine, status: @escaping @Sendable () -> EngineStatus) {
+    public init(engine: Engine, status: @escaping @Sendable () -> DaemonStatus) {
         self.engine = engine
         self.status = status
     }

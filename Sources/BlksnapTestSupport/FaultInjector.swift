@@ -146,11 +146,9 @@ public final class FaultInjector: @unchecked Sendable {
 
     /// SplitMix64: the same generator as the tests', so a printed seed replays.
     private func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
+        var generator = SplitMix64(seed: state)
+        defer { state = generator.state }
+        return generator.next()
     }
 
     /// The fault for one call, if any; how many bytes a short one moves.

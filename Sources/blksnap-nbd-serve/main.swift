@@ -1,5 +1,6 @@
 import ArgumentParser
 import BlksnapABI
+import BlksnapControlProtocol
 import BlksnapEngine
 import BlksnapNBD
 import Logging
@@ -114,8 +115,11 @@ struct Serve: ParsableCommand {
         let server = try Server(exports: list, limits: ConnectionLimits(workers: workers), logger: logger)
         try server.listen(unixSocket: socket)
         if let tcp {
-            let (host, port) = try Self.hostPort(tcp)
-            let actual = try server.listen(tcpHost: host, port: port)
+            let address: ListenAddress
+            do { address = try ListenAddress(parsing: tcp.hasPrefix(":") ? "127.0.0.1" + tcp : tcp, anyPort: true) } catch {
+                throw ValidationError("--tcp \(error)")
+            }
+            let actual = try server.listen(tcpHost: address.host, port: address.port)
             print("blksnap-nbd-serve: tcp port \(actual)")
         }
         if let pidfile {
@@ -147,15 +151,6 @@ struct Serve: ParsableCommand {
         server.stop()
         engine.destroyAll()
         if let pidfile { unlink(pidfile) }
-    }
-
-    static func hostPort(_ text: String) throws -> (String, UInt16) {
-        guard let colon = text.lastIndex(of: ":"), let port = UInt16(text[text.index(after: colon)...]) else {
-            throw ValidationError("--tcp \(text): expected HOST:PORT")
-        }
-        var host = String(text[..<colon])
-        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
-        return (host.isEmpty ? "127.0.0.1" : host, port)
     }
 }
 

@@ -1,8 +1,7 @@
 import ArgumentParser
 import BlksnapABI
-import BlksnapEngine
+import BlksnapControlProtocol
 import CBlksnapABI
-import FoundationEssentials
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -61,13 +60,13 @@ struct Status: ParsableCommand {
 
     func run() throws {
         let client = try ControlClient(path: options.socket)
-        let (result, payload) = try client.request(type: BLKSNAP_CONTROL_STATUS.rawValue)
-        guard result == 0 else { throw Failure(description: "status failed: \(String(cString: strerror(-result)))") }
         if json {
+            let (result, payload) = try client.request(BLKSNAP_CONTROL_STATUS)
+            guard result == 0 else { throw Failure(description: "status failed: \(String(cString: strerror(-result)))") }
             print(String(decoding: payload, as: UTF8.self))
             return
         }
-        let status = try JSONDecoder().decode(EngineStatus.self, from: Data(payload))
+        let status = try client.status()
         // The CBT column says how tracking began, with why where the routed
         // device knows it (a new generation's reason, regions after a crash).
         let cbtDetail = Dictionary(status.devices.compactMap { d in d.cbt.map { (d.devId, $0) } }) { a, _ in a }
@@ -96,14 +95,6 @@ struct Status: ParsableCommand {
         print(Table.render(title: "NBD exports", ["NAME", "DEVICE", "URI"],
                            status.exports.map { [$0.name, $0.devId, $0.uri] }), terminator: "")
     }
-}
-
-/// The daemon's answer to a refused device request.
-struct DaemonMessage: Codable { var error: String }
-
-func failure(_ what: String, _ result: Int32, _ payload: [UInt8]) -> Failure {
-    let message = (try? JSONDecoder().decode(DaemonMessage.self, from: Data(payload)))?.error
-    return Failure(description: "\(what) failed: \(message ?? String(cString: strerror(-result)))")
 }
 
 struct Attach: ParsableCommand {
@@ -168,14 +159,9 @@ struct Attach: ParsableCommand {
             var cwd = [CChar](repeating: 0, count: 4096)
             path = String(cString: getcwd(&cwd, cwd.count)) + "/" + path
         }
-        struct Request: Codable { var backing: String; var size: UInt64?; var live: Bool?; var name: String?; var persist: Bool? }
         let client = try ControlClient(path: options.socket)
-        let request = Request(backing: path, size: size?.bytes, live: live ? true : nil, name: name, persist: persist ? true : nil)
-        let (result, payload) = try client.request(type: BLKSNAP_CONTROL_ATTACH.rawValue,
-                                                   payload: Array(try JSONEncoder().encode(request)))
-        guard result == 0 else { throw failure("attach", result, payload) }
-        struct Attached: Codable { var node: String; var devId: String; var link: String? }
-        let attached = try JSONDecoder().decode(Attached.self, from: Data(payload))
+        let attached = try client.attach(AttachRequest(backing: path, size: size?.bytes, live: live ? true : nil, name: name,
+                                                       persist: persist ? true : nil))
         print("\(attached.node) \(attached.devId)" + (attached.link.map { " " + $0 } ?? ""))
     }
 }
@@ -210,12 +196,8 @@ struct Detach: ParsableCommand {
     var forget = false
 
     func run() throws {
-        struct Request: Codable { var device: String; var live: Bool?; var forget: Bool? }
         let client = try ControlClient(path: options.socket)
-        let request = Request(device: device, live: live ? true : nil, forget: forget ? true : nil)
-        let (result, payload) = try client.request(type: BLKSNAP_CONTROL_DETACH.rawValue,
-                                                   payload: Array(try JSONEncoder().encode(request)))
-        guard result == 0 else { throw failure("detach", result, payload) }
+        try client.detach(DetachRequest(device: device, live: live ? true : nil, forget: forget ? true : nil))
     }
 }
 
@@ -270,62 +252,6 @@ struct Exec: ParsableCommand {
                           + "build it with tools/build-preload or pass --preload")
         }
         return found
-    }
-}
-
-/// A blocking client of the control protocol.
-struct ControlClient {
-    let fd: Int32
-
-    init(path: String) throws {
-        fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            for (i, b) in path.utf8.prefix(raw.count - 1).enumerated() { raw[i] = b }
-        }
-        let rc = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard rc == 0 else {
-            let why = String(cString: strerror(errno))
-            close(fd)
-            throw Failure(description: "cannot reach blksnapd at \(path): \(why) (is it running? start it with tools/run-daemon or systemctl start blksnapd)")
-        }
-    }
-
-    func request(type: UInt32, payload: [UInt8] = []) throws -> (Int32, [UInt8]) {
-        var header = blksnap_control_request()
-        header.magic = BLKSNAP_CONTROL_MAGIC
-        header.type = type
-        header.payload_length = UInt32(payload.count)
-        let out = withUnsafeBytes(of: header) { Array($0) } + payload
-        guard out.withUnsafeBytes({ send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }) == out.count else {
-            throw Failure(description: "blksnapd closed the connection")
-        }
-        var reply = blksnap_control_reply()
-        guard readFully(&reply, MemoryLayout<blksnap_control_reply>.size), reply.magic == BLKSNAP_CONTROL_MAGIC else {
-            throw Failure(description: "blksnapd sent no reply")
-        }
-        guard reply.payload_length <= BLKSNAP_CONTROL_MAX_BYTES else {
-            throw Failure(description: "blksnapd announced a \(reply.payload_length)-byte reply; not reading it")
-        }
-        var body = [UInt8](repeating: 0, count: Int(reply.payload_length))
-        guard body.withUnsafeMutableBytes({ readFully($0.baseAddress!, $0.count) }) || body.isEmpty else {
-            throw Failure(description: "blksnapd's reply was cut short")
-        }
-        return (reply.result, body)
-    }
-
-    private func readFully(_ p: UnsafeMutableRawPointer, _ count: Int) -> Bool {
-        var done = 0
-        while done < count {
-            let n = Glibc.read(fd, p + done, count - done)
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { return false }
-            done += n
-        }
-        return true
     }
 }
 

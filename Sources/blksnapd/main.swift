@@ -1,13 +1,15 @@
 import ArgumentParser
 import BlksnapABI
 import BlksnapCUSE
+import BlksnapControlProtocol
 import BlksnapDevices
 import BlksnapEngine
 import BlksnapFUSE
+import BlksnapKernelNBD
 import BlksnapLibnbd
 import BlksnapNBD
 import BlksnapService
-import BlksnapShimServer
+import BlksnapControlServer
 import CBlksnapABI
 import FoundationEssentials
 import Logging
@@ -235,11 +237,11 @@ struct Blksnapd: ParsableCommand {
         }
         try nbd.listen(unixSocket: nbdSocket, group: nbd.policy.group)
         if let nbdTcp {
-            let parts = nbdTcp.split(separator: ":")
-            guard parts.count == 2, let port = UInt16(parts[1]) else {
-                throw ValidationError("--nbd-tcp takes HOST:PORT, e.g. 127.0.0.1:10809")
+            let address: ListenAddress
+            do { address = try ListenAddress(parsing: nbdTcp, anyPort: true) } catch {
+                throw ValidationError("--nbd-tcp takes HOST:PORT, e.g. 127.0.0.1:10809 or [::1]:10809: \(error)")
             }
-            _ = try nbd.listen(tcpHost: String(parts[0]), port: port)
+            _ = try nbd.listen(tcpHost: address.host, port: address.port)
         }
         defer { nbd.stop() }
 
@@ -265,24 +267,13 @@ struct Blksnapd: ParsableCommand {
                                   openURI: { uri throws(BlksnapError) in try NbdBlockDevice(uri: uri) },
                                   cbtDirectory: cbtDir == "none" ? nil : cbtDir, cbtSyncIntervalSeconds: Int64(cbtSaveInterval), devDirectory: "/dev")
         let engine = Engine(settings: settings, hooks: dataPlane, logger: logger, logFile: logFile)
-        let exports = ExportList()
-        let exportLogger = logger
-        dataPlane.onDevice = { [weak engine] event in
+        let exports = DeviceExports(server: nbd, socketPath: nbdSocket, engine: engine, logger: logger)
+        dataPlane.onDevice = { event in
             switch event {
             case .added(let name, let device, let devId, let original):
-                guard let engine else { return }
-                let export = Export(name: name, description: "blksnap \(original == nil ? "routed device" : "snapshot image") \(devId)",
-                                    device: device, changes: Export.cbtSource(engine: engine, devId: original ?? devId))
-                do {
-                    try nbd.add(export)
-                    exports.add(EngineStatus.ExportInfo(name: name, devId: devId.description,
-                                                        uri: "nbd+unix:///\(name)?socket=\(nbdSocket)"))
-                } catch {
-                    exportLogger.error("blksnapd: cannot export \(name) over NBD: \(error)")
-                }
+                exports.add(name: name, device: device, devId: devId, original: original)
             case .removed(let name):
-                nbd.remove(exportNamed: name)
-                exports.remove(name)
+                exports.remove(name: name)
             }
         }
         try dataPlane.start(engine: engine)
@@ -294,8 +285,8 @@ struct Blksnapd: ParsableCommand {
 
         let control = Control(engine: engine)
         let server = ControlServer(path: stateDir + "/control.sock", control: control, logger: logger)
-        let status: @Sendable () -> EngineStatus = { [weak engine] in
-            var status = engine?.status() ?? EngineStatus(devices: [], trackers: [], snapshots: [])
+        let status: @Sendable () -> DaemonStatus = { [weak engine] in
+            var status = DaemonStatus(engine: engine?.status() ?? EngineStatus(devices: [], trackers: [], snapshots: []))
             status.exports = exports.all
             DeviceRequests.describe(&status, dataPlane, engine)
             return status
@@ -378,131 +369,4 @@ struct Blksnapd: ParsableCommand {
         engine.destroyAll()
         logger.info("blksnapd: stopped; every original device is intact")
     }
-}
-
-/// The daemon's state directory and its lock: a second instance is refused
-/// while the first holds the lock.
-struct StateDirectory {
-    let path: String
-    let lockPath: String
-    let lockFd: Int32
-
-    struct Refused: Error, CustomStringConvertible {
-        var description: String
-    }
-
-    init(path: String) throws {
-        self.path = path
-        mkdir(path, 0o700)
-        lockPath = path + "/blksnapd.lock"
-        lockFd = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard lockFd >= 0 else {
-            throw Refused(description: "cannot open \(lockPath): \(String(cString: strerror(errno)))")
-        }
-        guard flock(lockFd, LOCK_EX | LOCK_NB) == 0 else {
-            close(lockFd)
-            throw Refused(description: "another blksnapd is running (it holds \(lockPath))")
-        }
-        let pid = "\(getpid())\n"
-        ftruncate(lockFd, 0)
-        _ = pid.withCString { write(lockFd, $0, strlen($0)) }
-    }
-
-    func release() {
-        unlink(lockPath)
-        close(lockFd)
-    }
-}
-
-/// blksnapctl attach and detach, as JSON over the control socket.
-enum DeviceRequests {
-    struct Attach: Codable { var backing: String; var size: UInt64?; var live: Bool?; var name: String?; var persist: Bool? }
-    struct Detach: Codable { var device: String; var live: Bool?; var forget: Bool? }
-    struct Message: Codable { var error: String }
-
-    static func answer(_ type: UInt32, _ payload: [UInt8], _ plane: DataPlane, configDir: String,
-                       logger: Logger) -> (Int32, [UInt8]) {
-        do {
-            switch type {
-            case BLKSNAP_CONTROL_ATTACH.rawValue:
-                let request = try JSONDecoder().decode(Attach.self, from: Data(payload))
-                if request.persist == true && request.name == nil {
-                    throw BlksnapError(.invalidArgument, "--persist declares a device by its name; give one with --name")
-                }
-                let live = request.live == true
-                let attached = live
-                    ? try plane.attachLive(request.backing, name: request.name)
-                    : try plane.attach(backing: request.backing, size: request.size, name: request.name)
-                if request.persist == true, let name = request.name {
-                    do {
-                        // A volume's size is LVM's business (lvextend between
-                        // boots): a live declaration does not pin it.
-                        try DeclaredDevices.declare(.init(name: name, backing: request.backing,
-                                                          sizeBytes: live ? nil : attached.sizeBytes, live: live),
-                                                    in: configDir)
-                    } catch {
-                        if let devId = plane.resolve(attached.devId) {
-                            if live { try? plane.detachLive(devId) } else { try? plane.detach(devId) }
-                        }
-                        throw error
-                    }
-                }
-                return (0, Array(try JSONEncoder().encode(attached)))
-            default:
-                let request = try JSONDecoder().decode(Detach.self, from: Data(payload))
-                let devId = plane.resolve(request.device)
-                let name = devId.flatMap { plane.name(of: $0) } ?? request.device
-                if let devId {
-                    if request.live == true { try plane.detachLive(devId) } else { try plane.detach(devId) }
-                } else if request.forget != true {
-                    throw BlksnapError(.noSuchAddressOrDevice, "\(request.device) is not a routed device")
-                }
-                if request.forget == true {
-                    guard try DeclaredDevices.forget(name, in: configDir) || devId != nil else {
-                        throw BlksnapError(.noSuchAddressOrDevice, "\(request.device) is neither routed nor declared")
-                    }
-                }
-                return (0, [])
-            }
-        } catch let error as BlksnapError {
-            logger.error("blksnapd: \(error)")
-            return (-error.errno.rawValue, Array((try? JSONEncoder().encode(Message(error: error.message))) ?? Data()))
-        } catch {
-            return (-EINVAL, Array((try? JSONEncoder().encode(Message(error: "malformed request: \(error)"))) ?? Data()))
-        }
-    }
-}
-
-extension DeviceRequests {
-    /// What only the data plane knows: nodes, names, declared devices.
-    static func describe(_ status: inout EngineStatus, _ plane: DataPlane, _ engine: Engine?) {
-        let nodes = plane.nodes
-        let names = plane.names
-        for i in status.devices.indices {
-            status.devices[i].node = nodes[status.devices[i].devId]
-            status.devices[i].name = names[status.devices[i].devId]
-        }
-        for s in status.snapshots.indices {
-            for i in status.snapshots[s].images.indices {
-                status.snapshots[s].images[i].node = nodes[status.snapshots[s].images[i].imageDevId]
-            }
-        }
-        status.declared = plane.declaredStates.map { d in
-            let devId = d.devId?.description
-            return DeclaredDevice(
-                name: d.device.name, backing: d.device.backing, state: DeclaredDevice.State(rawValue: d.state) ?? .refused,
-                reason: d.why, node: devId.flatMap { nodes[$0] }, devId: devId,
-                link: d.state == "routed" ? "/dev/disk/by-blksnap/\(d.device.name)" : nil,
-                cbtOrigin: d.state == "routed" ? d.devId.flatMap { engine?.routedDevice($0)?.cbtOutcome.origin } ?? .none : .none)
-        }
-    }
-}
-
-/// The NBD exports of the moment, for status.
-final class ExportList: @unchecked Sendable {
-    private let lock = Lock()
-    private var list: [EngineStatus.ExportInfo] = []
-    func add(_ e: EngineStatus.ExportInfo) { lock.withLock { list.append(e) } }
-    func remove(_ name: String) { lock.withLock { list.removeAll { $0.name == name } } }
-    var all: [EngineStatus.ExportInfo] { lock.withLock { list } }
 }

@@ -1,4 +1,5 @@
 import BlksnapEngine
+import BlksnapTestSupport
 import Glibc
 import Logging
 import Testing

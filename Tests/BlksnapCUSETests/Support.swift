@@ -1,5 +1,6 @@
 import BlksnapABI
 import BlksnapEngine
+import BlksnapTestSupport
 import Glibc
 import Logging
 import Testing
@@ -193,20 +194,6 @@ final class FakeKernel {
 }
 
 // MARK: - the engine
-
-/// Host block devices for tests: numbers that exist but are not routed,
-/// and in-memory disks that difference storage can be opened on.
-final class FakeHost: HostDevices, @unchecked Sendable {
-    var unrouted: Set<DevId> = []
-    var disks: [DevId: MemoryBlockDevice] = [:]
-
-    func exists(_ devId: DevId) -> Bool { unrouted.contains(devId) || disks[devId] != nil }
-    func path(of devId: DevId) -> String? { exists(devId) ? "/dev/fake\(devId.minor)" : nil }
-    func open(_ devId: DevId) throws(BlksnapError) -> any BlockDevice {
-        guard let d = disks[devId] else { throw BlksnapError(.noSuchAddressOrDevice, "no disk \(devId)") }
-        return d
-    }
-}
 
 /// How many times the dispatcher ran.
 final class Counter: @unchecked Sendable {

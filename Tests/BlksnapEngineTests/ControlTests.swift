@@ -947,7 +947,11 @@ private let sectorsPerBlock: UInt64 = blockSize / 512
             box.elapsed = clock.now - start
             done.signal()
         }
-        usleep(150_000)   // let it sleep in WAIT_EVENT
+        // Destroy only once the other thread sleeps in WAIT_EVENT.
+        guard let snapshot = caller.control.engine.snapshot(id) else { Issue.record("the snapshot is gone"); return }
+        let asleepBy = ContinuousClock.now + .seconds(5)
+        while snapshot.eventWaiters == 0 && ContinuousClock.now < asleepBy { sched_yield() }
+        #expect(snapshot.eventWaiters == 1)
         let clock = ContinuousClock()
         let destroyedAt = clock.now
         #expect(caller.destroy(id).status == .success(0))

@@ -1,5 +1,6 @@
 import BlksnapABI
 @testable import BlksnapEngine
+import BlksnapTestSupport
 import Testing
 
 // The model-based test of CBT kept across restarts: random writes, MARK_DIRTY,

@@ -1,20 +1,7 @@
 import BlksnapABI
 import BlksnapEngine
+import BlksnapTestSupport
 import Logging
-
-/// Host block devices for tests: numbers that exist but are not routed, and
-/// in-memory disks that difference storage can be opened on by number.
-final class FakeHost: HostDevices, @unchecked Sendable {
-    var unrouted: Set<DevId> = []
-    var disks: [DevId: any BlockDevice] = [:]
-
-    func exists(_ devId: DevId) -> Bool { unrouted.contains(devId) || disks[devId] != nil }
-    func path(of devId: DevId) -> String? { exists(devId) ? "/dev/fake\(devId.minor)" : nil }
-    func open(_ devId: DevId) throws(BlksnapError) -> any BlockDevice {
-        guard let d = disks[devId] else { throw BlksnapError(.noSuchAddressOrDevice, "no disk \(devId)") }
-        return d
-    }
-}
 
 /// A caller's address space: regions of bytes at addresses. Reads outside
 /// a region fail, as copy_from_user would; `apply` performs the writes a

@@ -1,3 +1,4 @@
+import BlksnapControlProtocol
 import Testing
 @testable import BlksnapService
 #if canImport(Glibc)

@@ -1,4 +1,5 @@
 import BlksnapABI
+import BlksnapControlProtocol
 import BlksnapEngine
 import Logging
 import Testing
@@ -34,7 +35,7 @@ func quietLogger() -> Logger {
         let diskId = DevId(major: 250, minor: 0), storeId = DevId(major: 250, minor: 1)
         let disk = try engine.route(diskId, backing: MemoryBlockDevice(size: 4 << 20))
         try engine.route(storeId, backing: MemoryBlockDevice(size: 8 << 20))
-        let exporter = MetricsExporter(engine: engine, status: { engine.status() })
+        let exporter = MetricsExporter(engine: engine, status: { DaemonStatus(engine: engine.status()) })
         let d = ["device": "250:0"]
 
         var text = String(decoding: exporter.render(), as: UTF8.self)
@@ -89,7 +90,7 @@ func quietLogger() -> Logger {
     @Test func declaredDevicesAreCountedByState() {
         let engine = Engine(logger: quietLogger())
         let exporter = MetricsExporter(engine: engine) {
-            var s = engine.status()
+            var s = DaemonStatus(engine: engine.status())
             s.declared = [
                 DeclaredDevice(name: "a", backing: "/a", state: .routed, cbtOrigin: .restored),
                 DeclaredDevice(name: "b", backing: "/b", state: .missing, reason: "no such file"),

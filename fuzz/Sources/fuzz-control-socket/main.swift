@@ -2,7 +2,7 @@ import BlksnapABI
 import BlksnapEngine
 import CBlksnapABI
 import FuzzSupport
-@testable import BlksnapShimServer
+@testable import BlksnapControlServer
 #if canImport(Glibc)
 import Glibc
 #endif

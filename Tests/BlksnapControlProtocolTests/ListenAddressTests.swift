@@ -1,5 +1,5 @@
 import Testing
-@testable import BlksnapService
+@testable import BlksnapControlProtocol
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -33,5 +33,13 @@ import Glibc
     ])
     func refused(_ text: String) {
         #expect(throws: ListenAddress.Invalid.self) { try ListenAddress(parsing: text) }
+    }
+
+    /// NBD listeners report the port they got, so they may ask for any.
+    @Test func portZeroOnlyWhereAsked() throws {
+        #expect(throws: ListenAddress.Invalid.self) { try ListenAddress(parsing: "127.0.0.1:0") }
+        #expect(try ListenAddress(parsing: "127.0.0.1:0", anyPort: true).port == 0)
+        #expect(try ListenAddress(parsing: "[::1]:0", anyPort: true) == ListenAddress(family: .ipv6, host: "::1", port: 0))
+        #expect(throws: ListenAddress.Invalid.self) { try ListenAddress(parsing: "::1:10809", anyPort: true) }
     }
 }

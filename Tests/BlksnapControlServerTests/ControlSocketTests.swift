@@ -3,7 +3,7 @@ import BlksnapEngine
 import CBlksnapABI
 import Logging
 import Testing
-@testable import BlksnapShimServer
+@testable import BlksnapControlServer
 #if canImport(Glibc)
 import Glibc
 #endif

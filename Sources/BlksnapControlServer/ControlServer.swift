@@ -1,4 +1,5 @@
 import BlksnapABI
+import BlksnapControlProtocol
 import BlksnapEngine
 import CBlksnapABI
 import CBlksnapLinux
@@ -26,7 +27,7 @@ public final class ControlServer: @unchecked Sendable {
     private var connections: Set<Int32> = []
     private var stopped = false
     /// The picture STATUS sends; the daemon adds what only it knows.
-    public var status: (@Sendable () -> EngineStatus)?
+    public var status: (@Sendable () -> DaemonStatus)?
     /// Answers ATTACH and DETACH (the data plane); nil refuses them.
     public var deviceRequests: (@Sendable (UInt32, [UInt8]) -> (Int32, [UInt8]))?
     /// Who may send requests: root. Tests swap it to play a stranger.
@@ -50,37 +51,11 @@ public final class ControlServer: @unchecked Sendable {
 
     /// Binds, restricts to root, listens, and serves in the background.
     public func start() throws(BlksnapError) {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw BlksnapError(Errno(rawValue: errno), "cannot create the control socket") }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let capacity = MemoryLayout.size(ofValue: address.sun_path)
-        guard path.utf8.count < capacity else {
-            close(fd)
-            throw BlksnapError(.invalidArgument, "control socket path \(path) is longer than \(capacity - 1) bytes")
-        }
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            for (i, b) in path.utf8.enumerated() { raw[i] = b }
-            raw[path.utf8.count] = 0
-        }
         // A stale socket from a daemon that died is ours to replace: the
         // state directory's lock says no other daemon is alive.
-        unlink(path)
-        let oldMask = umask(0o177)
-        let rc = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        umask(oldMask)
-        guard rc == 0 else {
-            let e = errno
-            close(fd)
-            throw BlksnapError(Errno(rawValue: e), "cannot bind the control socket \(path)")
-        }
-        chmod(path, 0o600)
-        guard listen(fd, 64) == 0 else {
-            let e = errno
-            close(fd)
-            throw BlksnapError(Errno(rawValue: e), "cannot listen on \(path)")
+        let fd: Int32
+        do { fd = try UnixSocket.listen(path: path, backlog: 64) } catch {
+            throw BlksnapError(error.errno, "control socket: \(error.message)")
         }
         lock.withLock { listener = fd }
         logger.info("blksnapd: control socket \(path) (mode 0600, root only)")
@@ -196,7 +171,7 @@ public final class ControlServer: @unchecked Sendable {
             guard let payload = SocketIO.readBytes(fd, count: Int(request.payload_length)) else { return nil }
             switch request.type {
             case BLKSNAP_CONTROL_STATUS.rawValue:
-                let picture = status?() ?? control.engine.status()
+                let picture = status?() ?? DaemonStatus(engine: control.engine.status())
                 let json = (try? JSONEncoder().encode(picture)).map { Array($0) } ?? []
                 return Self.reply(result: 0, payload: json)
             case BLKSNAP_CONTROL_ATTACH.rawValue, BLKSNAP_CONTROL_DETACH.rawValue:
@@ -214,20 +189,6 @@ public final class ControlServer: @unchecked Sendable {
     }
 
     static func reply(result: Int32, writes: [CallerWrite] = [], payload: [UInt8] = []) -> [[UInt8]] {
-        var header = blksnap_control_reply()
-        header.magic = BLKSNAP_CONTROL_MAGIC
-        header.result = result
-        header.write_count = UInt32(writes.count)
-        header.payload_length = UInt32(payload.count)
-        var pieces = [SocketIO.bytes(of: header)]
-        for w in writes {
-            var wh = blksnap_control_write()
-            wh.address = w.address
-            wh.length = UInt32(w.bytes.count)
-            pieces.append(SocketIO.bytes(of: wh))
-            pieces.append(w.bytes)
-        }
-        pieces.append(payload)
-        return pieces
+        ControlFrame.reply(result: result, writes: writes.map { .init(address: $0.address, bytes: $0.bytes) }, payload: payload)
     }
 }

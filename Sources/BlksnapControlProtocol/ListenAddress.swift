@@ -27,7 +27,9 @@ public struct ListenAddress: Sendable, Equatable, CustomStringConvertible {
         (self.family, self.host, self.port) = (family, host, port)
     }
 
-    public init(parsing text: String) throws(Invalid) {
+    /// With `anyPort`, port 0 asks for any free port: for a caller that
+    /// reports the port it got.
+    public init(parsing text: String, anyPort: Bool = false) throws(Invalid) {
         let hostPart: Substring
         let portPart: Substring
         if text.hasPrefix("[") {
@@ -52,8 +54,8 @@ public struct ListenAddress: Sendable, Equatable, CustomStringConvertible {
         }
         // UInt16(_:) takes "+9100"; a port is digits only.
         guard !portPart.isEmpty, portPart.allSatisfy(\.isASCII), portPart.allSatisfy(\.isNumber),
-              let port = UInt16(portPart), port > 0 else {
-            throw Invalid(description: "\(text): the port must be a number from 1 to 65535")
+              let port = UInt16(portPart), port > 0 || anyPort else {
+            throw Invalid(description: "\(text): the port must be a number from \(anyPort ? 0 : 1) to 65535")
         }
         self.port = port
         guard !hostPart.isEmpty else {

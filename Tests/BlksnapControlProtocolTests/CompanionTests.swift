@@ -1,4 +1,4 @@
-import BlksnapEngine
+import BlksnapControlProtocol
 import Testing
 #if canImport(Glibc)
 import Glibc

@@ -1,6 +1,7 @@
 import BlksnapABI
 import BlksnapDevices
 import BlksnapEngine
+import BlksnapNBD
 import CBlksnapLinux
 import Logging
 import SystemPackage
