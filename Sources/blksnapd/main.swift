@@ -196,6 +196,19 @@ struct Blksnapd: ParsableCommand {
         }
     }
 
+    /// Swift on Linux reads a program's arguments from /proc/self/cmdline:
+    /// where /proc is not mounted (a chroot, an initramfs before its init
+    /// mounts it) they read as none, and blksnapd would start with its
+    /// defaults whatever it was told (--root-storage-daemon, --state-dir).
+    static func main() {
+        guard access("/proc/self/cmdline", R_OK) == 0 else {
+            let why = "blksnapd: cannot read its own arguments: /proc is not mounted (Swift reads them from /proc/self/cmdline); mount it first (mount -t proc proc /proc)\n"
+            _ = why.withCString { write(2, $0, strlen($0)) }
+            Glibc.exit(71)  // EX_OSERR
+        }
+        main(nil)
+    }
+
     func run() throws {
         // stderr always; the SETLOG file too once a tool asks for one.
         let logFile = LogFile()
