@@ -48,6 +48,12 @@ public final class DeviceFilesystem: @unchecked Sendable {
     /// write from the loop device is one request.
     static let maxRequest: UInt32 = 1 << 20
 
+    /// Reads from this size on are spliced from the backing file where the
+    /// device has one (libfuse copies anything below two pages anyway):
+    /// the kernel then copies the bytes once, page cache to the reader,
+    /// instead of to us and again from us.
+    static let spliceMinimum = 2 * 4096
+
     public init(mountpoint: String, logger: Logger) {
         self.mountpoint = mountpoint
         self.logger = logger
@@ -240,6 +246,9 @@ public final class DeviceFilesystem: @unchecked Sendable {
             }
             conn.pointee.max_write = DeviceFilesystem.maxRequest
             conn.pointee.max_readahead = DeviceFilesystem.maxRequest
+            if conn.pointee.capable & UInt32(FUSE_CAP_SPLICE_WRITE) != 0 {
+                conn.pointee.want |= UInt32(FUSE_CAP_SPLICE_WRITE)
+            }
         }
         ops.lookup = { req, parent, name in DeviceFilesystem.of(req).lookup(req, parent, name!) }
         ops.getattr = { req, ino, _ in DeviceFilesystem.of(req).getattr(req, ino) }
@@ -362,6 +371,17 @@ public final class DeviceFilesystem: @unchecked Sendable {
         let offset = UInt64(off)
         guard offset < e.device.size else { fuse_reply_buf(req, nil, 0); return }
         let count = Int(min(UInt64(size), e.device.size - offset))
+        if count >= Self.spliceMinimum, let range = e.device.fileRange(at: offset, count: count) {
+            // Replies with an error itself when the splice fails.
+            var bufv = fuse_bufvec()
+            bufv.count = 1
+            bufv.buf.size = count
+            bufv.buf.flags = fuse_buf_flags(rawValue: FUSE_BUF_IS_FD.rawValue | FUSE_BUF_FD_SEEK.rawValue)
+            bufv.buf.fd = range.descriptor
+            bufv.buf.pos = off_t(range.offset)
+            _ = fuse_reply_data(req, &bufv, fuse_buf_copy_flags(rawValue: 0))
+            return
+        }
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 4096)
         defer { buffer.deallocate() }
         do throws(BlksnapError) {
