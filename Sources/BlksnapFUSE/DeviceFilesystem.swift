@@ -382,14 +382,32 @@ public final class DeviceFilesystem: @unchecked Sendable {
             _ = fuse_reply_data(req, &bufv, fuse_buf_copy_flags(rawValue: 0))
             return
         }
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 4096)
-        defer { buffer.deallocate() }
+        let kept = count <= Int(Self.maxRequest)
+        let buffer = kept ? UnsafeMutableRawBufferPointer(start: Self.threadBuffer(), count: count)
+                          : UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 4096)
+        defer { if !kept { buffer.deallocate() } }
         do throws(BlksnapError) {
             try e.device.read(into: buffer, at: offset)
             fuse_reply_buf(req, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), count)
         } catch {
             reply(req, error)
         }
+    }
+
+    /// A read buffer per serving thread, for its life: a fresh 1 MiB
+    /// allocation per request is an mmap, 256 page faults and a munmap,
+    /// which cost more than the read itself.
+    private static let bufferKey: pthread_key_t = {
+        var key = pthread_key_t()
+        pthread_key_create(&key) { $0?.deallocate() }
+        return key
+    }()
+
+    private static func threadBuffer() -> UnsafeMutableRawPointer {
+        if let kept = pthread_getspecific(bufferKey) { return kept }
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: Int(maxRequest), alignment: 4096)
+        pthread_setspecific(bufferKey, buffer)
+        return buffer
     }
 
     private func write(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ buf: UnsafePointer<CChar>, _ size: Int, _ off: off_t) {
