@@ -246,6 +246,11 @@ public final class DeviceFilesystem: @unchecked Sendable {
             }
             conn.pointee.max_write = DeviceFilesystem.maxRequest
             conn.pointee.max_readahead = DeviceFilesystem.maxRequest
+            // The loop device's direct I/O reaches FUSE as asynchronous
+            // requests, which the kernel holds back beyond max_background
+            // (12): fewer in flight than a queue depth of 16 asks for.
+            conn.pointee.max_background = 64
+            conn.pointee.congestion_threshold = 48
             if conn.pointee.capable & UInt32(FUSE_CAP_SPLICE_WRITE) != 0 {
                 conn.pointee.want |= UInt32(FUSE_CAP_SPLICE_WRITE)
             }
