@@ -376,16 +376,13 @@ public final class DeviceFilesystem: @unchecked Sendable {
         let offset = UInt64(off)
         guard offset < e.device.size else { fuse_reply_buf(req, nil, 0); return }
         let count = Int(min(UInt64(size), e.device.size - offset))
-        if count >= Self.spliceMinimum, let range = e.device.fileRange(at: offset, count: count) {
-            // Replies with an error itself when the splice fails.
-            var bufv = fuse_bufvec()
-            bufv.count = 1
-            bufv.buf.size = count
-            bufv.buf.flags = fuse_buf_flags(rawValue: FUSE_BUF_IS_FD.rawValue | FUSE_BUF_FD_SEEK.rawValue)
-            bufv.buf.fd = range.descriptor
-            bufv.buf.pos = off_t(range.offset)
-            _ = fuse_reply_data(req, &bufv, fuse_buf_copy_flags(rawValue: 0))
-            return
+        if count >= Self.spliceMinimum {
+            if let image = e.device as? SnapImage {
+                if image.withFileRanges(at: offset, count: count, { Self.splice(req, $0) }) { return }
+            } else if let range = e.device.fileRange(at: offset, count: count) {
+                Self.splice(req, [(range.descriptor, range.offset, count)])
+                return
+            }
         }
         let kept = count <= Int(Self.maxRequest)
         let buffer = kept ? UnsafeMutableRawBufferPointer(start: Self.threadBuffer(), count: count)
@@ -397,6 +394,26 @@ public final class DeviceFilesystem: @unchecked Sendable {
         } catch {
             reply(req, error)
         }
+    }
+
+    /// Replies with `ranges`, spliced (libfuse replies with an error
+    /// itself when the splice fails).
+    private static func splice(_ req: fuse_req_t?, _ ranges: [DiffArea.FileRange]) {
+        // fuse_bufvec ends in a one-element array that is really as long as `count`.
+        let bytes = MemoryLayout<fuse_bufvec>.size + max(ranges.count - 1, 0) * MemoryLayout<fuse_buf>.stride
+        let raw = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: MemoryLayout<fuse_bufvec>.alignment)
+        defer { raw.deallocate() }
+        raw.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
+        let bufv = raw.assumingMemoryBound(to: fuse_bufvec.self)
+        bufv.pointee.count = ranges.count
+        let bufs = raw.advanced(by: MemoryLayout<fuse_bufvec>.offset(of: \fuse_bufvec.buf)!).assumingMemoryBound(to: fuse_buf.self)
+        for (i, range) in ranges.enumerated() {
+            bufs[i].size = range.count
+            bufs[i].flags = fuse_buf_flags(rawValue: FUSE_BUF_IS_FD.rawValue | FUSE_BUF_FD_SEEK.rawValue)
+            bufs[i].fd = range.descriptor
+            bufs[i].pos = off_t(range.offset)
+        }
+        _ = fuse_reply_data(req, bufv, fuse_buf_copy_flags(rawValue: 0))
     }
 
     /// A read buffer per serving thread, for its life: a fresh 1 MiB
