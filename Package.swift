@@ -215,7 +215,7 @@ let package = Package(
             ]
         ),
         .testTarget(name: "BlksnapBackupTests", dependencies: ["BlksnapBackup"]),
-        .testTarget(name: "BlksnapFUSETests", dependencies: ["BlksnapFUSE", .product(name: "Logging", package: "swift-log")]),
+        .testTarget(name: "BlksnapFUSETests", dependencies: ["BlksnapFUSE", "BlksnapEngine", "CBlksnapLinux", .product(name: "Logging", package: "swift-log")]),
         .testTarget(
             name: "BlksnapNBDTests",
             dependencies: [

@@ -44,8 +44,20 @@ enum SocketIO {
         return ok ? value : nil
     }
 
-    /// Writes every byte of every piece, in order.
+    /// Replies up to this size go out joined, in one send.
+    static let joinedReply = 64 << 10
+
+    /// Writes every byte of every piece, in order. A small reply goes in one
+    /// send: the peer then wakes once for it, not once per piece (VERSION
+    /// was three sends and three wake-ups of the caller).
     static func writeAll(_ fd: Int32, _ pieces: [[UInt8]]) -> Bool {
+        let total = pieces.reduce(0) { $0 + $1.count }
+        if pieces.count > 1 && total <= joinedReply {
+            var joined: [UInt8] = []
+            joined.reserveCapacity(total)
+            for piece in pieces { joined += piece }
+            return writeAll(fd, [joined])
+        }
         for piece in pieces where !piece.isEmpty {
             var done = 0
             while done < piece.count {

@@ -15,11 +15,17 @@ public protocol BlockDevice: AnyObject, Sendable {
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(BlksnapError)
     func flush() throws(BlksnapError)
     func discard(at offset: UInt64, length: UInt64) throws(BlksnapError)
+    /// The open file whose bytes at the returned offset are exactly what
+    /// `read` would return for `count` bytes at `offset`, or nil. A
+    /// frontend may then have the kernel splice them to its client
+    /// instead of copying them through a buffer of ours.
+    func fileRange(at offset: UInt64, count: Int) -> (descriptor: Int32, offset: UInt64)?
 }
 
 extension BlockDevice {
     public var alignment: Int { 1 }
     public func discard(at offset: UInt64, length: UInt64) throws(BlksnapError) {}
+    public func fileRange(at offset: UInt64, count: Int) -> (descriptor: Int32, offset: UInt64)? { nil }
 
     /// Writes real zeros over a range, a MiB at a time: for a discard that
     /// must read back as zeros where the store cannot promise it, and for

@@ -109,16 +109,36 @@ public final class DiffArea: @unchecked Sendable {
     /// and writes the original afterwards. A failure corrupts the snapshot
     /// and lets the write go on: the original is never held hostage.
     func copyOnWrite(offset: UInt64, length: UInt64) {
-        guard length > 0, !isCorrupted else { return }
+        guard length > 0 else { return }
         let first = Int(offset >> UInt64(chunkShift))
-        let last = Int((offset + length - 1) >> UInt64(chunkShift))
-        for chunk in first...min(last, chunkCount - 1) {
+        let last = min(Int((offset + length - 1) >> UInt64(chunkShift)), chunkCount - 1)
+        guard !isCorrupted else {
+            waitForOriginalReaders(first...last)
+            return
+        }
+        for chunk in first...last {
             do {
                 _ = try ensureStored(chunk)
             } catch {
                 if !isCorrupted { onFailure(error) }
+                waitForOriginalReaders(first...last)
                 return
             }
+        }
+    }
+
+    /// A corrupted snapshot copies nothing more, but a write still waits
+    /// for the image reads of the original in flight on its chunks: a
+    /// spliced read (`withImageFileRanges`) sends the original's pages on
+    /// only after it counted itself out, and cannot fail afterwards as
+    /// `readImage` does.
+    private func waitForOriginalReaders(_ chunks: ClosedRange<Int>) {
+        var seen = Set<ObjectIdentifier>()
+        for chunk in chunks {
+            let s = stripe(chunk)
+            guard seen.insert(ObjectIdentifier(s)).inserted else { continue }
+            s.lock.withLock { while s.originalReaders > 0 { s.condition.wait(s.lock) } }
+            if seen.count == stripes.count { return }
         }
     }
 
@@ -237,6 +257,69 @@ public final class DiffArea: @unchecked Sendable {
             try original.read(into: piece, at: (UInt64(chunk) << UInt64(chunkShift)) + UInt64(inChunk))
         }
         guard !isCorrupted else { throw BlksnapError(.ioError, "snapshot of \(devId) is corrupted") }
+    }
+
+    /// A piece of the image in a file the kernel can splice from.
+    public typealias FileRange = (descriptor: Int32, offset: UInt64, count: Int)
+
+    /// Runs `body` with the files and offsets that hold the image's bytes
+    /// at `offset..<offset+count`, for a frontend to splice them on. The
+    /// pieces read from the original count as image reads until `body`
+    /// returns, so no copy-on-write lets a write land on them before:
+    /// a splice holds page references, not bytes. False, without running
+    /// `body`, where a piece is in no such file or a chunk is being copied
+    /// (the caller reads with `readImage` then, which waits: waiting here
+    /// while counted on another chunk could deadlock a copy).
+    func withImageFileRanges(offset: UInt64, count: Int, _ body: ([FileRange]) -> Void) -> Bool {
+        guard count > 0 else { return false }
+        var ranges: [FileRange] = []
+        var counted: [ChunkStripe] = []
+        defer {
+            for s in counted {
+                s.lock.withLock {
+                    s.originalReaders -= 1
+                    if s.originalReaders == 0 { s.condition.broadcast() }
+                }
+            }
+        }
+        // Thrown to stop at a piece that cannot be spliced; never escapes.
+        let unspliceable = BlksnapError(.resourceTemporarilyUnavailable, "no file range")
+        do throws(BlksnapError) {
+            try forEachPiece(offset: offset, count: count) { (chunk, inChunk, done, n) throws(BlksnapError) in
+                let position = offset + UInt64(done)
+                let s = stripe(chunk)
+                s.lock.lock()
+                let state = ChunkState(rawValue: states[chunk])
+                let piece: (descriptor: Int32, offset: UInt64)?
+                if isCorrupted || (!state.contains(.storeReady) && (state.contains(.loading) || s.draining > 0)) {
+                    s.lock.unlock()
+                    throw unspliceable
+                } else if state.contains(.storeReady) {
+                    let region = s.locations[UInt32(chunk)]!
+                    s.lock.unlock()
+                    piece = region.device.fileRange(at: region.offset + UInt64(inChunk), count: n)
+                } else {
+                    // Counted under the stripe's lock after the check above: a
+                    // write that sees the snapshot corrupted waits for this count.
+                    s.originalReaders += 1
+                    s.lock.unlock()
+                    counted.append(s)
+                    piece = original.fileRange(at: position, count: n)
+                }
+                guard let piece else { throw unspliceable }
+                if let last = ranges.last, last.descriptor == piece.descriptor,
+                   last.offset + UInt64(last.count) == piece.offset {
+                    ranges[ranges.count - 1].count += n
+                } else {
+                    ranges.append((piece.descriptor, piece.offset, n))
+                }
+            }
+        } catch {
+            return false
+        }
+        guard !isCorrupted else { return false }
+        body(ranges)
+        return true
     }
 
     /// Stores an image write in the difference storage; the original is

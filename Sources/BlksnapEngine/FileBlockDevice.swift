@@ -83,6 +83,13 @@ public final class FileBlockDevice: BlockDevice, @unchecked Sendable {
         }
     }
 
+    /// Within the file only (`read` fills past its end with zeros), and not
+    /// on an O_DIRECT descriptor, whose alignment rules a splice would not keep.
+    public func fileRange(at offset: UInt64, count: Int) -> (descriptor: Int32, offset: UInt64)? {
+        guard alignment == 1, offset <= size, UInt64(count) <= size - offset else { return nil }
+        return (descriptor.rawValue, offset)
+    }
+
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(BlksnapError) {
         var done = 0
         if directFd >= 0, buffer.count > 0, Int(bitPattern: buffer.baseAddress!) % 4096 == 0,

@@ -46,6 +46,15 @@ public final class RoutedDevice: BlockDevice, @unchecked Sendable {
         try backing.read(into: buffer, at: offset)
     }
 
+    /// A read of the routed device is a read of its backing store, so the
+    /// backing's file serves it as it is. Counted here: the caller reads it.
+    public func fileRange(at offset: UInt64, count: Int) -> (descriptor: Int32, offset: UInt64)? {
+        guard offset <= size, UInt64(count) <= size - offset,
+              let range = backing.fileRange(at: offset, count: count) else { return nil }
+        counters.countRead(count)
+        return range
+    }
+
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(BlksnapError) {
         try check(offset, UInt64(buffer.count))
         gate.lockShared()

@@ -48,6 +48,14 @@ public final class SnapImage: BlockDevice, @unchecked Sendable {
         try diffArea.readImage(into: buffer, at: offset)
     }
 
+    /// `DiffArea.withImageFileRanges` for a frontend that splices; false
+    /// (the caller reads with `read`) once the image is destroyed.
+    public func withFileRanges(at offset: UInt64, count: Int,
+                               _ body: ([DiffArea.FileRange]) -> Void) -> Bool {
+        guard !closed.load(ordering: .acquiring) else { return false }
+        return diffArea.withImageFileRanges(offset: offset, count: count, body)
+    }
+
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(BlksnapError) {
         try checkOpen()
         // Marked first, as an original write is, so that a write failing

@@ -48,6 +48,12 @@ public final class DeviceFilesystem: @unchecked Sendable {
     /// write from the loop device is one request.
     static let maxRequest: UInt32 = 1 << 20
 
+    /// Reads from this size on are spliced from the backing file where the
+    /// device has one (libfuse copies anything below two pages anyway):
+    /// the kernel then copies the bytes once, page cache to the reader,
+    /// instead of to us and again from us.
+    static let spliceMinimum = 2 * 4096
+
     public init(mountpoint: String, logger: Logger) {
         self.mountpoint = mountpoint
         self.logger = logger
@@ -240,6 +246,14 @@ public final class DeviceFilesystem: @unchecked Sendable {
             }
             conn.pointee.max_write = DeviceFilesystem.maxRequest
             conn.pointee.max_readahead = DeviceFilesystem.maxRequest
+            // The loop device's direct I/O reaches FUSE as asynchronous
+            // requests, which the kernel holds back beyond max_background
+            // (12): fewer in flight than a queue depth of 16 asks for.
+            conn.pointee.max_background = 64
+            conn.pointee.congestion_threshold = 48
+            if conn.pointee.capable & UInt32(FUSE_CAP_SPLICE_WRITE) != 0 {
+                conn.pointee.want |= UInt32(FUSE_CAP_SPLICE_WRITE)
+            }
         }
         ops.lookup = { req, parent, name in DeviceFilesystem.of(req).lookup(req, parent, name!) }
         ops.getattr = { req, ino, _ in DeviceFilesystem.of(req).getattr(req, ino) }
@@ -362,14 +376,60 @@ public final class DeviceFilesystem: @unchecked Sendable {
         let offset = UInt64(off)
         guard offset < e.device.size else { fuse_reply_buf(req, nil, 0); return }
         let count = Int(min(UInt64(size), e.device.size - offset))
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 4096)
-        defer { buffer.deallocate() }
+        if count >= Self.spliceMinimum {
+            if let image = e.device as? SnapImage {
+                if image.withFileRanges(at: offset, count: count, { Self.splice(req, $0) }) { return }
+            } else if let range = e.device.fileRange(at: offset, count: count) {
+                Self.splice(req, [(range.descriptor, range.offset, count)])
+                return
+            }
+        }
+        let kept = count <= Int(Self.maxRequest)
+        let buffer = kept ? UnsafeMutableRawBufferPointer(start: Self.threadBuffer(), count: count)
+                          : UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 4096)
+        defer { if !kept { buffer.deallocate() } }
         do throws(BlksnapError) {
             try e.device.read(into: buffer, at: offset)
             fuse_reply_buf(req, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), count)
         } catch {
             reply(req, error)
         }
+    }
+
+    /// Replies with `ranges`, spliced (libfuse replies with an error
+    /// itself when the splice fails).
+    private static func splice(_ req: fuse_req_t?, _ ranges: [DiffArea.FileRange]) {
+        // fuse_bufvec ends in a one-element array that is really as long as `count`.
+        let bytes = MemoryLayout<fuse_bufvec>.size + max(ranges.count - 1, 0) * MemoryLayout<fuse_buf>.stride
+        let raw = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: MemoryLayout<fuse_bufvec>.alignment)
+        defer { raw.deallocate() }
+        raw.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
+        let bufv = raw.assumingMemoryBound(to: fuse_bufvec.self)
+        bufv.pointee.count = ranges.count
+        let bufs = raw.advanced(by: MemoryLayout<fuse_bufvec>.offset(of: \fuse_bufvec.buf)!).assumingMemoryBound(to: fuse_buf.self)
+        for (i, range) in ranges.enumerated() {
+            bufs[i].size = range.count
+            bufs[i].flags = fuse_buf_flags(rawValue: FUSE_BUF_IS_FD.rawValue | FUSE_BUF_FD_SEEK.rawValue)
+            bufs[i].fd = range.descriptor
+            bufs[i].pos = off_t(range.offset)
+        }
+        _ = fuse_reply_data(req, bufv, fuse_buf_copy_flags(rawValue: 0))
+    }
+
+    /// A read buffer per serving thread, for its life: a fresh 1 MiB
+    /// allocation per request is an mmap, 256 page faults and a munmap,
+    /// which cost more than the read itself.
+    private static let bufferKey: pthread_key_t = {
+        var key = pthread_key_t()
+        pthread_key_create(&key) { $0?.deallocate() }
+        return key
+    }()
+
+    private static func threadBuffer() -> UnsafeMutableRawPointer {
+        if let kept = pthread_getspecific(bufferKey) { return kept }
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: Int(maxRequest), alignment: 4096)
+        pthread_setspecific(bufferKey, buffer)
+        return buffer
     }
 
     private func write(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ buf: UnsafePointer<CChar>, _ size: Int, _ off: off_t) {
