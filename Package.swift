@@ -9,8 +9,9 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .library(name: "BlksnapEngine", targets: ["BlksnapEngine"]),
-        // For the fuzz harnesses (fuzz/Package.swift), a package of their own.
-        .library(name: "BlksnapParsers", targets: ["CBlksnapABI", "BlksnapABI", "BlksnapCUSE", "BlksnapNBD", "BlksnapControlServer"]),
+        // For the fuzz harnesses (fuzz/Package.swift), a package of their own,
+        // with the tests' seeded generator.
+        .library(name: "BlksnapParsers", targets: ["CBlksnapABI", "BlksnapABI", "BlksnapCUSE", "BlksnapNBD", "BlksnapControlServer", "BlksnapTestSupport"]),
         .executable(name: "blksnapd", targets: ["blksnapd"]),
         .executable(name: "blksnapctl", targets: ["blksnapctl"]),
         .executable(name: "blksnap-backup", targets: ["blksnap-backup"]),

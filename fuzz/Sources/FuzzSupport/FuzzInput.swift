@@ -1,3 +1,5 @@
+import BlksnapTestSupport
+
 /// The fuzzer's bytes read as a stream of decisions. Past the end every
 /// read gives zeros, so any prefix of an input is itself a valid input and
 /// libFuzzer's shrinking keeps working.
@@ -39,20 +41,9 @@ public struct FuzzInput {
     public mutating func rest() -> [UInt8] { take(remaining) }
 }
 
-/// A small deterministic generator (SplitMix64): "random" caller memory
-/// must come out the same when libFuzzer replays an input.
-public struct SplitMix64 {
-    private var state: UInt64
-    public init(seed: UInt64) { state = seed }
-
-    public mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-
+/// "Random" caller memory must come out the same when libFuzzer replays an
+/// input: the tests' seeded generator makes it.
+extension SplitMix64 {
     public mutating func bytes(_ count: Int) -> [UInt8] {
         var out: [UInt8] = []
         out.reserveCapacity(count)

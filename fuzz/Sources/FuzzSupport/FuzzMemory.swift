@@ -1,5 +1,6 @@
 import BlksnapABI
 import BlksnapEngine
+import BlksnapTestSupport
 
 /// A caller's memory for the dispatcher: the regions of a frame, and
 /// everywhere else what the policy says, faults or bytes from a seeded

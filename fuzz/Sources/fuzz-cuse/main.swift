@@ -1,5 +1,6 @@
 import BlksnapABI
 import BlksnapEngine
+import BlksnapTestSupport
 import FuzzSupport
 @testable import BlksnapCUSE
 #if canImport(Glibc)
