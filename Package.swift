@@ -181,12 +181,13 @@ let package = Package(
         ),
         .executableTarget(
             name: "blksnap-bench-engine",
-            dependencies: ["BlksnapABI", "BlksnapEngine", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["BlksnapABI", "BlksnapEngine", "BlksnapTestSupport", .product(name: "Logging", package: "swift-log")],
             path: "Sources/BenchEngine",
             // A straight-line script: top-level globals without actor ceremony.
             swiftSettings: [.swiftLanguageMode(.v5)]
         ),
-        // Test support, never linked into blksnapd: disks that fail on purpose.
+        // Test support, never linked into blksnapd: a disk in memory, disks that
+        // fail on purpose, the seeded generator.
         .target(
             name: "BlksnapTestSupport",
             dependencies: ["BlksnapABI", "BlksnapEngine", .product(name: "SystemPackage", package: "swift-system")]
@@ -220,7 +221,7 @@ let package = Package(
         .testTarget(
             name: "BlksnapNBDTests",
             dependencies: [
-                "BlksnapNBD", "BlksnapControlProtocol", "BlksnapEngine", "BlksnapABI",
+                "BlksnapNBD", "BlksnapControlProtocol", "BlksnapEngine", "BlksnapABI", "BlksnapTestSupport",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
@@ -228,14 +229,14 @@ let package = Package(
         .testTarget(
             name: "BlksnapServiceTests",
             dependencies: [
-                "BlksnapService", "BlksnapControlProtocol", "BlksnapEngine", "BlksnapABI",
+                "BlksnapService", "BlksnapControlProtocol", "BlksnapEngine", "BlksnapABI", "BlksnapTestSupport",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
         .testTarget(
             name: "BlksnapControlServerTests",
             dependencies: [
-                "BlksnapControlServer", "BlksnapEngine", "BlksnapABI", "CBlksnapABI",
+                "BlksnapControlServer", "BlksnapEngine", "BlksnapABI", "CBlksnapABI", "BlksnapTestSupport",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

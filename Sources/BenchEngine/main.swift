@@ -3,6 +3,7 @@
 // printed, never asserted; tools/bench-engine builds release and runs this.
 import BlksnapABI
 import BlksnapEngine
+import BlksnapTestSupport
 import Logging
 #if canImport(Glibc)
 import Glibc

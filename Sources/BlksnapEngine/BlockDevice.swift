@@ -3,9 +3,9 @@
 ///
 /// Offsets and lengths are bytes. Implementations are safe to call from
 /// many threads at once; overlapping concurrent writes land in some order,
-/// as on a real disk. `FileBlockDevice` (files and block devices) and
-/// `MemoryBlockDevice` (tests, benchmarks) live here; the data plane adds
-/// one over libnbd.
+/// as on a real disk. `FileBlockDevice` (files and block devices) lives
+/// here, `MemoryBlockDevice` in the test support (tests, benchmarks,
+/// fuzzing); the data plane adds one over libnbd.
 public protocol BlockDevice: AnyObject, Sendable {
     /// Capacity in bytes.
     var size: UInt64 { get }

@@ -41,7 +41,3 @@ extension Engine {
 extension FileBlockDevice: Describable {
     public var displayName: String { path }
 }
-
-extension MemoryBlockDevice: Describable {
-    public var displayName: String { "memory" }
-}

@@ -4,6 +4,7 @@ import CBlksnapABI
 import Logging
 import Testing
 @testable import BlksnapControlServer
+import BlksnapTestSupport
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -1,5 +1,6 @@
 import BlksnapABI
 @testable import BlksnapEngine
+import BlksnapTestSupport
 import Synchronization
 import Testing
 #if canImport(Glibc)

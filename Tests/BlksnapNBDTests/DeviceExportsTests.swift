@@ -2,6 +2,7 @@ import BlksnapABI
 import BlksnapControlProtocol
 import BlksnapEngine
 @testable import BlksnapNBD
+import BlksnapTestSupport
 import Testing
 
 @Suite struct DeviceExportsTests {

@@ -1,6 +1,7 @@
 import BlksnapABI
 import BlksnapEngine
 @testable import BlksnapNBD
+import BlksnapTestSupport
 import Logging
 import Testing
 #if canImport(Glibc)

@@ -1,5 +1,6 @@
 import BlksnapEngine
 @testable import BlksnapNBD
+import BlksnapTestSupport
 import Logging
 
 /// A client's whole side of a conversation in memory: `receive` hands out

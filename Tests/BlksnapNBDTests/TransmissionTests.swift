@@ -1,5 +1,6 @@
 import BlksnapEngine
 @testable import BlksnapNBD
+import BlksnapTestSupport
 import Synchronization
 import Testing
 

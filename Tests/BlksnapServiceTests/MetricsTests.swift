@@ -4,6 +4,7 @@ import BlksnapEngine
 import Logging
 import Testing
 @testable import BlksnapService
+import BlksnapTestSupport
 #if canImport(Glibc)
 import Glibc
 #endif

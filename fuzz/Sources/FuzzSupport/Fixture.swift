@@ -1,5 +1,6 @@
 import BlksnapABI
 import BlksnapEngine
+import BlksnapTestSupport
 import Logging
 
 /// A logger that drops everything: a fuzzer logs millions of refusals.

@@ -1,6 +1,7 @@
 import BlksnapEngine
 import FuzzSupport
 @testable import BlksnapNBD
+import BlksnapTestSupport
 
 // Harness: NBD fixed-newstyle negotiation (`Handshake.run`), the input
 // being all the client sends. Promises: the greeting; unknown client

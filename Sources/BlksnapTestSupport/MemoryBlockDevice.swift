@@ -1,3 +1,5 @@
+import BlksnapABI
+import BlksnapEngine
 import SystemPackage
 
 /// A disk in memory: the reference for tests and the peer for benchmarks.
@@ -43,4 +45,8 @@ public final class MemoryBlockDevice: BlockDevice, @unchecked Sendable {
 
     /// A copy of every byte, for comparisons in tests.
     public func snapshotBytes() -> [UInt8] { Array(storage) }
+}
+
+extension MemoryBlockDevice: Describable {
+    public var displayName: String { "memory" }
 }
