@@ -197,7 +197,7 @@ public struct Control: Sendable {
         guard arg.filepathSize > 0 else {
             throw BlksnapError(.invalidArgument, "filepath_size cannot be zero")
         }
-        let raw = try call.readArray(UInt8.self, at: arg.filepath, count: arg.filepathSize)
+        let raw = try call.readBytes(at: arg.filepath, count: arg.filepathSize)
         let path = String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
         try engine.setLog(Engine.LogConfig(level: arg.level, path: path, tzMinutesWest: arg.tzMinutesWest))
         return 0
@@ -239,6 +239,20 @@ struct Call<M: CallerMemory> {
             throw BlksnapError(.noData, "\(command): invalid user buffer for the array")
         }
         return (0..<Int(count)).map { i in T(wire: Array(bytes[(i * T.size)..<((i + 1) * T.size)])) }
+    }
+
+    /// An array of bytes, read as bytes: read as elements it made an
+    /// allocation per byte, and SETLOG's path (up to `arrayLimit` bytes, as
+    /// the module's kzalloc allows) held the dispatcher for minutes.
+    func readBytes(at address: UInt64, count: UInt32) throws(BlksnapError) -> [UInt8] {
+        guard count > 0 else { return [] }
+        guard Int(count) <= Control.arrayLimit else {
+            throw BlksnapError(.noMemory, "\(command): \(count) bytes are too many")
+        }
+        guard let bytes = memory.read(at: address, count: Int(count)) else {
+            throw BlksnapError(.noData, "\(command): invalid user buffer for the array")
+        }
+        return bytes
     }
 
     mutating func write(_ bytes: [UInt8], at address: UInt64, fault: Errno = .noData) throws(BlksnapError) {
