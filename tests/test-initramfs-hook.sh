@@ -38,12 +38,12 @@ COMPRESS=gzip
 EOF
 : > "$conf/modules"
 
-# make DECLARATIONS OUT: mkinitramfs, with /etc/blksnap holding the files
+# build_image DECLARATIONS OUT: mkinitramfs, with /etc/blksnap holding the files
 # of DECLARATIONS (a directory) and the kernel's modules where it looks.
-make() {
-    local upper=$scratch/overlay.$RANDOM
+build_image() {
+    local upper=$2.overlay
     mkdir -p "$upper/etc/blksnap" "$upper/etc.work" "$upper/lib/modules" "$upper/lib.work"
-    cp -p "$1"/. "$upper/etc/blksnap/" -r
+    cp -a "$1"/. "$upper/etc/blksnap/"
     ln -s "$kdir/lib/modules/$kver" "$upper/lib/modules/$kver"
     unshare -m sh -c '
         set -e
@@ -57,7 +57,7 @@ make() {
 mkdir -p "$scratch/declared" "$scratch/none"
 echo "root /dev/vda1" > "$scratch/declared/root.conf"
 image=$scratch/initrd.img
-if make "$scratch/declared" "$image"; then made=yes; else made=no; cat "$image.log"; fi
+if build_image "$scratch/declared" "$image"; then made=yes; else made=no; cat "$image.log"; fi
 check "mkinitramfs makes an image with the hook" test "$made" = yes
 lsinitramfs "$image" > "$scratch/list.txt" 2>&1
 has() { grep -Eq "$1" "$scratch/list.txt"; }
@@ -81,7 +81,7 @@ done
 check "without /proc, blksnapd refuses to start rather than ignore its arguments" \
     bash -c "chroot '$root' /sbin/blksnapd --help 2>&1 | grep -q '/proc is not mounted'"
 
-if make "$scratch/none" "$scratch/plain.img"; then made=yes; else made=no; cat "$scratch/plain.img.log"; fi
+if build_image "$scratch/none" "$scratch/plain.img"; then made=yes; else made=no; cat "$scratch/plain.img.log"; fi
 check "mkinitramfs makes an image with nothing declared" test "$made" = yes
 lsinitramfs "$scratch/plain.img" > "$scratch/list.txt" 2>&1
 check "with nothing declared, no blksnapd in the image" bash -c "! grep -Eq '(^|/)blksnapd\$' '$scratch/list.txt'"

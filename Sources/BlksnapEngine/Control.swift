@@ -230,26 +230,21 @@ struct Call<M: CallerMemory> {
     }
 
     func readArray<T: WireStruct>(_ type: T.Type, at address: UInt64, count: UInt32) throws(BlksnapError) -> [T] {
+        let bytes = try readBytes(at: address, count: count, elementSize: T.size)
+        return (0..<Int(count)).map { i in T(wire: Array(bytes[(i * T.size)..<((i + 1) * T.size)])) }
+    }
+
+    /// The bytes of an array of `count` elements. A byte array is read with
+    /// this directly: read as one-byte elements it made an allocation per
+    /// byte, and SETLOG's path (up to `arrayLimit` bytes, as the module's
+    /// kzalloc allows) held the dispatcher for seconds.
+    func readBytes(at address: UInt64, count: UInt32, elementSize: Int = 1) throws(BlksnapError) -> [UInt8] {
         guard count > 0 else { return [] }
-        let total = Int(count) * T.size
+        let total = Int(count) * elementSize
         guard total <= Control.arrayLimit else {
             throw BlksnapError(.noMemory, "\(command): \(count) elements are too many")
         }
         guard let bytes = memory.read(at: address, count: total) else {
-            throw BlksnapError(.noData, "\(command): invalid user buffer for the array")
-        }
-        return (0..<Int(count)).map { i in T(wire: Array(bytes[(i * T.size)..<((i + 1) * T.size)])) }
-    }
-
-    /// An array of bytes, read as bytes: read as elements it made an
-    /// allocation per byte, and SETLOG's path (up to `arrayLimit` bytes, as
-    /// the module's kzalloc allows) held the dispatcher for minutes.
-    func readBytes(at address: UInt64, count: UInt32) throws(BlksnapError) -> [UInt8] {
-        guard count > 0 else { return [] }
-        guard Int(count) <= Control.arrayLimit else {
-            throw BlksnapError(.noMemory, "\(command): \(count) bytes are too many")
-        }
-        guard let bytes = memory.read(at: address, count: Int(count)) else {
             throw BlksnapError(.noData, "\(command): invalid user buffer for the array")
         }
         return bytes
