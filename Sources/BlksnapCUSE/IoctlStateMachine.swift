@@ -77,7 +77,7 @@ public struct IoctlStateMachine: Sendable {
 
         if request.input.count == argument.count {
             let outputs = declared(argumentOutputs, size: request.outputSize)
-            let usable = caller.canRead(array) && (!layout.arrayIsOutput || caller.canWrite(array))
+            let usable = Self.canRead(array, caller) && (!layout.arrayIsOutput || Self.canWrite(array, caller))
             guard usable else {
                 return finish(layout, FetchedMemory(fetched: [fetchedArgument], outputs: outputs), caller)
             }
@@ -106,9 +106,20 @@ public struct IoctlStateMachine: Sendable {
     /// naming it would only earn the kernel's EFAULT.
     private func firstRound(_ layout: CommandLayout, _ caller: some CallerAccess) -> IoctlAnswer {
         let argument = layout.argumentRegion
-        guard caller.canRead(argument) else { return finish(layout, FetchedMemory(), caller) }
-        let output = layout.argumentIsOutput && caller.canWrite(argument) ? [argument] : []
+        guard Self.canRead(argument, caller) else { return finish(layout, FetchedMemory(), caller) }
+        let output = layout.argumentIsOutput && Self.canWrite(argument, caller) ? [argument] : []
         return .retry(input: [argument], output: output)
+    }
+
+    /// A span that wraps the address space can never be copied, whatever
+    /// the caller's access says (a blind one says yes to everything): the
+    /// module's errno for it, not the kernel's EFAULT for naming it.
+    private static func canRead(_ region: CallerRegion, _ caller: some CallerAccess) -> Bool {
+        region.end != nil && caller.canRead(region)
+    }
+
+    private static func canWrite(_ region: CallerRegion, _ caller: some CallerAccess) -> Bool {
+        region.end != nil && caller.canWrite(region)
     }
 
     /// Which of the possible output declarations the previous retry made,

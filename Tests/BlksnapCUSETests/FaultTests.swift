@@ -110,3 +110,14 @@ import Testing
     let a = s.memory.reserve(8)
     #expect(s.ioctl(.version, a) == 0)
 }
+
+@Test func arrayWrappingTheAddressSpaceGivesENODATAEvenWhenTheCallerCannotBeInspected() {
+    // No copy can succeed there, so the region is not named (found by the
+    // CUSE fuzz harness: a blind caller had it named, input and output).
+    let s = Session(blind: true)
+    _ = s.snapshot([s.dev0, s.dev1])
+    let a = s.memory.place(c: blk_snap_tracker_collect(count: 2, cbt_info_array: ptr(UInt64.max - 7)))
+    #expect(s.ioctl(.trackerCollect, a) == -ENODATA)
+    #expect(s.kernel.retries.allSatisfy { $0.input.allSatisfy { $0.end != nil } })
+    #expect(s.memory.load(blk_snap_tracker_collect.self, at: a).count == 2)
+}
