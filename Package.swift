@@ -59,8 +59,11 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
+        // What blksnapd writes itself on a FUSE or CUSE connection that a
+        // blksnapd before it set up (INIT, FUSE_NOTIFY_RESEND).
+        .target(name: "BlksnapFuseTakeOver"),
         // Frontends: each a way into the engine, holding no blksnap logic.
-        .target(name: "BlksnapCUSE", dependencies: ["BlksnapEngine", "CBlksnapABI", "CFuse3"]),
+        .target(name: "BlksnapCUSE", dependencies: ["BlksnapEngine", "BlksnapFuseTakeOver", "CBlksnapABI", "CFuse3"]),
         .target(
             name: "BlksnapLibnbd",
             dependencies: ["BlksnapEngine", "CLibnbd", .product(name: "SystemPackage", package: "swift-system")]
@@ -76,7 +79,7 @@ let package = Package(
         .target(
             name: "BlksnapFUSE",
             dependencies: [
-                "BlksnapABI", "BlksnapEngine", "BlksnapDevices", "CFuse3", "CBlksnapLinux",
+                "BlksnapABI", "BlksnapEngine", "BlksnapDevices", "BlksnapFuseTakeOver", "CFuse3", "CBlksnapLinux",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ]

@@ -1,7 +1,8 @@
 /*
  * fake-server.c: a test-only responder for the control protocol
  * (blksnap_control.h), so that the preload shim can be tested without
- * blksnapd. Usage: fake-server SOCKET_PATH. One thread per connection.
+ * blksnapd. Usage: fake-server SOCKET_PATH [READY_FD]: once it listens, it
+ * writes one byte to READY_FD and closes it. One thread per connection.
  *
  * It answers just enough, and checks what the shim ships:
  *   VERSION           writes {1,0,0,0} at the argument (needs its OUT region)
@@ -12,8 +13,11 @@
  *   TRACKER_COLLECT   3 trackers: count only for a NULL array, ENOBUFS when
  *                     too small, else the array and the count
  *   MARK_DIRTY_BLOCKS returns the count of the shipped ranges
- *   WAIT_EVENT        sleeps timeout_ms, then ENOENT
+ *   WAIT_EVENT        takes the first event raised and not yet taken, as
+ *                     the module's event queue does: result 0 and code
+ *                     FAKE_EVENT_CODE; none within timeout_ms: ENOENT
  *   0xdead0001        drops the connection without a reply (a daemon crash)
+ *   0xdead0002        raises an event (on any connection); result 0
  *   anything else     ENOTTY
  * A missing region answers ENODATA (EINVAL for WAIT_EVENT), as the module
  * answers a failed copy. A malformed request closes the connection.
@@ -35,6 +39,13 @@
 #include "CBlksnapABI.h"
 
 #define CMD_DROP 0xdead0001u
+#define CMD_EVENT 0xdead0002u
+#define FAKE_EVENT_CODE blk_snap_event_code_corrupted
+
+/* Events raised and not yet taken by a WAIT_EVENT. */
+static pthread_mutex_t events_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t events_raised;
+static unsigned events;
 
 struct region {
 	uint64_t address;
@@ -210,11 +221,37 @@ static int32_t answer(const struct blksnap_control_request *rq, struct region *r
 		if (!(s = find(r, n, arg, sizeof(e), BLKSNAP_ABI_IN | BLKSNAP_ABI_OUT)))
 			return -EINVAL;
 		memcpy(&e, s->bytes, sizeof(e));
-		struct timespec ts = { e.timeout_ms / 1000, (long)(e.timeout_ms % 1000) * 1000000L };
-		while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
-			;
-		return -ENOENT;
+		/* The module's wait: an event, or ENOENT once timeout_ms ran out
+		 * (the tests hold a wait with a long timeout and end it with an
+		 * event, so no test depends on how long anything takes). */
+		struct timespec deadline;
+		clock_gettime(CLOCK_MONOTONIC, &deadline);
+		deadline.tv_sec += e.timeout_ms / 1000;
+		deadline.tv_nsec += (long)(e.timeout_ms % 1000) * 1000000L;
+		if (deadline.tv_nsec >= 1000000000L) {
+			deadline.tv_sec++;
+			deadline.tv_nsec -= 1000000000L;
+		}
+		int waited = 0;
+		pthread_mutex_lock(&events_lock);
+		while (!events && waited != ETIMEDOUT)
+			waited = pthread_cond_timedwait(&events_raised, &events_lock, &deadline);
+		int taken = events > 0;
+		if (taken)
+			events--;
+		pthread_mutex_unlock(&events_lock);
+		if (!taken)
+			return -ENOENT;
+		static const uint32_t code = FAKE_EVENT_CODE;
+		w[(*nw)++] = (struct out_write){ arg + offsetof(struct blk_snap_snapshot_event, code), sizeof(code), &code };
+		return 0;
 	}
+	case CMD_EVENT:
+		pthread_mutex_lock(&events_lock);
+		events++;
+		pthread_cond_broadcast(&events_raised);
+		pthread_mutex_unlock(&events_lock);
+		return 0;
 	default:
 		return -ENOTTY;
 	}
@@ -291,11 +328,16 @@ static void *serve(void *p)
 
 int main(int argc, char **argv)
 {
-	if (argc != 2) {
-		fprintf(stderr, "usage: fake-server SOCKET_PATH\n");
+	if (argc != 2 && argc != 3) {
+		fprintf(stderr, "usage: fake-server SOCKET_PATH [READY_FD]\n");
 		return 2;
 	}
 	signal(SIGPIPE, SIG_IGN);
+	pthread_condattr_t ca;
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&events_raised, &ca);
+	pthread_condattr_destroy(&ca);
 	struct sockaddr_un sa;
 	memset(&sa, 0, sizeof(sa));
 	sa.sun_family = AF_UNIX;
@@ -309,6 +351,15 @@ int main(int argc, char **argv)
 	if (ls < 0 || bind(ls, (struct sockaddr *)&sa, sizeof(sa)) != 0 || listen(ls, 128) != 0) {
 		perror("fake-server");
 		return 1;
+	}
+	if (argc == 3) {
+		/* The test waits for this byte, not for time to pass. */
+		int ready = atoi(argv[2]);
+		if (write(ready, "r", 1) != 1) {
+			perror("fake-server: ready");
+			return 1;
+		}
+		close(ready);
 	}
 	for (;;) {
 		int c = accept4(ls, NULL, NULL, SOCK_CLOEXEC);

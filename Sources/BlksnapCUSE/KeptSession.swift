@@ -1,4 +1,5 @@
 import BlksnapEngine
+import BlksnapFuseTakeOver
 import CFuse3
 #if canImport(Glibc)
 import Glibc
@@ -34,63 +35,41 @@ public struct SessionKeeper: Sendable {
     }
 }
 
-/// The CUSE_INIT a new libfuse session on a kept connection is handed:
-/// the kernel sends CUSE_INIT once per connection, and libfuse answers
-/// nothing else before it. It sets up only libfuse's side (protocol
-/// version, buffer size); the device itself stays as the kernel
-/// registered it. libfuse's reply goes to a request id the kernel never
-/// issued, which the kernel refuses with ENOENT and libfuse passes over
-/// in silence.
+/// The CUSE_INIT a new libfuse session on a kept connection is handed
+/// (`TakeOverMessages`): the kernel sends CUSE_INIT once per connection,
+/// and libfuse answers nothing else before it. The device itself stays as
+/// the kernel registered it.
 struct CUSEInit: Equatable, Sendable {
     var major: UInt32
     var minor: UInt32
 
     static let prefix = "blksnap-cuse"
 
-    /// A name systemd accepts as FDNAME (no colon, printable, short).
-    var name: String { "\(Self.prefix)-\(major)-\(minor)" }
+    var name: String { TakeOverMessages.name(prefix: Self.prefix, [major, minor]) }
 
     init(major: UInt32, minor: UInt32) {
         (self.major, self.minor) = (major, minor)
     }
 
     init?(name: String) {
-        let parts = name.split(separator: "-")
-        guard name.hasPrefix(Self.prefix + "-"), parts.count == 4,
-              let major = UInt32(parts[2]), let minor = UInt32(parts[3]), major == 7, minor >= 11 else { return nil }
-        self.init(major: major, minor: minor)
+        guard let v = TakeOverMessages.values(in: name, prefix: Self.prefix, count: 2), v[0] == 7, v[1] >= 11 else {
+            return nil
+        }
+        self.init(major: v[0], minor: v[1])
     }
 
     static let opcode: UInt32 = 4096
-    /// Even (not an interrupt), below FUSE_UNIQUE_RESEND (bit 63) and far
-    /// above any id the kernel counts up to: it matches no request.
-    static let unique: UInt64 = 0x7fff_ffff_ffff_fff0
 
     /// fuse_in_header (40 bytes) and cuse_init_in (16 bytes).
     var request: [UInt8] {
-        var bytes: [UInt8] = []
-        func put32(_ v: UInt32) { withUnsafeBytes(of: v.littleEndian) { bytes += $0 } }
-        func put64(_ v: UInt64) { withUnsafeBytes(of: v.littleEndian) { bytes += $0 } }
-        put32(56)
-        put32(Self.opcode)
-        put64(Self.unique)
-        put64(0)                                    // nodeid
-        put32(0); put32(0); put32(0)                // uid, gid, pid
-        put32(0)                                    // total_extlen, padding
-        put32(major); put32(minor)
-        put32(0)                                    // unused
-        put32(UInt32(CUSE_UNRESTRICTED_IOCTL))
-        return bytes
+        TakeOverMessages.initRequest(opcode: Self.opcode, body: [major, minor, 0, UInt32(CUSE_UNRESTRICTED_IOCTL)])
     }
 
-    /// FUSE_NOTIFY_RESEND (Linux 6.9), written on the connection: the
-    /// kernel queues again every request a server had read and not
-    /// answered. Nil when sent; else the errno (EINVAL from a kernel
-    /// without it).
+    /// FUSE_NOTIFY_RESEND, written on the connection. Nil when sent; else
+    /// the errno (EINVAL from a kernel without it).
     static func resend(on fd: Int32) -> Int32? {
-        // fuse_out_header: length 16, the notification code 7 as its error, unique 0.
-        var header: (UInt32, Int32, UInt64) = (UInt32(16).littleEndian, Int32(7).littleEndian, 0)
-        let sent = withUnsafeBytes(of: &header) { write(fd, $0.baseAddress, 16) }
-        return sent == 16 ? nil : errno
+        let message = TakeOverMessages.resendNotification
+        let sent = message.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        return sent == message.count ? nil : errno
     }
 }
