@@ -90,7 +90,7 @@ struct Serve: ParsableCommand {
         settings.trackingBlockMinimumShift = trackingBlockShift
         let engine = Engine(settings: settings, logger: logger)
         var list: [Export] = []
-        var tracked: [TrackedDisk] = []
+        var tracked: [RollingSnapshot] = []
         for (i, spec) in exports.enumerated() {
             let split = spec.firstIndex(of: "=")!
             let name = String(spec[..<split]), path = String(spec[spec.index(after: split)...])
@@ -99,7 +99,7 @@ struct Serve: ParsableCommand {
             let device = try engine.route(devId, backing: backing)
             var export = Export(name: name, description: path, device: device, readOnly: readOnly)
             if snapshot.contains(name) {
-                let disk = try TrackedDisk(engine: engine, name: name, devId: devId,
+                let disk = try RollingSnapshot(engine: engine, name: name, devId: devId,
                                            storageId: DevId(major: 250, minor: UInt32(1000 + i)), size: device.size)
                 export.changes = Export.cbtSource(engine: engine, devId: devId)
                 tracked.append(disk)
@@ -152,85 +152,6 @@ struct Serve: ParsableCommand {
         engine.destroyAll()
         if let pidfile { unlink(pidfile) }
     }
-}
-
-/// A device under --snapshot: its storage device and its current snapshot.
-/// `take` runs on the main thread only; `lock` guards `current` because
-/// the image export reads it from connection threads.
-final class TrackedDisk: @unchecked Sendable {
-    let engine: Engine
-    let name: String
-    let devId: DevId
-    let storageId: DevId
-    let storageSectors: UInt64
-    let image: LatestImage
-    private let lock = Lock()
-    private var current: UUID16?
-
-    init(engine: Engine, name: String, devId: DevId, storageId: DevId, size: UInt64) throws {
-        self.engine = engine
-        self.name = name
-        self.devId = devId
-        self.storageId = storageId
-        // Room to copy every chunk once, plus the largest chunk for the
-        // rounding at the end: the file is sparse, so it costs nothing.
-        let bytes = (size &+ (64 << 20) &+ 511) & ~511
-        storageSectors = bytes >> 9
-        let directory = getenv("TMPDIR").map { String(cString: $0) } ?? "/tmp"
-        var template = Array("\(directory)/blksnap-nbd-store-XXXXXX".utf8CString)
-        let fd = mkstemp(&template)
-        guard fd >= 0 else { throw BlksnapError(.init(rawValue: errno), "cannot create difference storage") }
-        let path = String(cString: template)
-        defer { unlink(path) }
-        guard bytes <= UInt64(Int64.max), ftruncate(fd, off_t(bytes)) == 0 else {
-            close(fd)
-            throw BlksnapError(.init(rawValue: errno), "cannot size difference storage")
-        }
-        close(fd)
-        // Routed, because the engine finds storage by device number; the
-        // unlinked file lives as long as the descriptor inside.
-        try engine.route(storageId, backing: FileBlockDevice(path: path))
-        image = LatestImage(size: size)
-        image.resolve = { [weak self] () throws(BlksnapError) -> SnapImage in
-            guard let self, let id = lock.withLock({ current }), let image = engine.images(of: id).first else {
-                throw BlksnapError(.operationNotSupportedByDevice, "no snapshot of \(name) right now")
-            }
-            return image
-        }
-    }
-
-    /// Destroys the previous snapshot and takes a new one; tracking goes on
-    /// across the gap, so the new read map covers it. Returns the number.
-    func take() throws(BlksnapError) -> UInt8 {
-        if let old = lock.withLock({ current }) {
-            lock.withLock { current = nil }
-            try engine.destroySnapshot(old)
-        }
-        let id = try engine.createSnapshot([devId])
-        try engine.appendStorage(id, device: storageId, ranges: [SectorRange(offset: 0, count: storageSectors)])
-        try engine.takeSnapshot(id)
-        lock.withLock { current = id }
-        return engine.tracker(devId)!.cbtMap.snapNumberPrevious
-    }
-}
-
-/// The image of whichever snapshot is current, looked up at each request
-/// so the export survives a new snapshot.
-final class LatestImage: BlockDevice, @unchecked Sendable {
-    let size: UInt64
-    var resolve: (@Sendable () throws(BlksnapError) -> SnapImage)!
-
-    init(size: UInt64) { self.size = size }
-
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(BlksnapError) {
-        try resolve().read(into: buffer, at: offset)
-    }
-
-    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(BlksnapError) {
-        throw BlksnapError(.readOnlyFileSystem, "the snapshot export is read-only")
-    }
-
-    func flush() throws(BlksnapError) {}
 }
 
 Serve.main()
