@@ -127,6 +127,11 @@ public final class DiffArea: @unchecked Sendable {
         }
     }
 
+    /// How many stored copies wait for image reads of the original to end
+    /// before their writes may land: what a test waits for to know a write
+    /// is held, rather than guessing how long holding takes.
+    var copiesWaitingForReaders: Int { stripes.reduce(0) { sum, s in sum + s.lock.withLock { s.draining } } }
+
     /// A corrupted snapshot copies nothing more, but a write still waits
     /// for the image reads of the original in flight on its chunks: a
     /// spliced read (`withImageFileRanges`) sends the original's pages on

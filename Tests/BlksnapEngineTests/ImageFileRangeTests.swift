@@ -62,9 +62,11 @@ import Glibc
                 Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue().run()
                 return nil
             }, box.toOpaque())
-            // Nothing signals a write that is (rightly) held back; a
-            // write that got through would have done so by then.
-            usleep(200_000)
+            // The copy is stored once the writer waits for these ranges:
+            // from then on its original write must be held back.
+            let deadline = monotonicNanoseconds() + 10_000_000_000
+            while rig.area.copiesWaitingForReaders == 0 && monotonicNanoseconds() < deadline { sched_yield() }
+            #expect(rig.area.copiesWaitingForReaders == 1)
             #expect(!rig.wasCopied)
             seen = rig.bytes(ranges)
         }
