@@ -15,7 +15,8 @@ import Glibc
 /// new regions at once share one fdatasync (`GroupFlush`): each waits,
 /// outside the lock, for a flush that began after its byte was written,
 /// and a writer that finds a region marked but not yet flushed waits for
-/// the same flush.
+/// the same flush. A write may copy on write while its flush runs
+/// (`begin`, then `finish` before the original is written).
 ///
 /// Regions are cleared lazily by `CbtStore.save`: `beginSync` forgets the
 /// marks in memory (later writes mark again), the CBT table is copied and
@@ -112,15 +113,31 @@ public final class WriteIntent: @unchecked Sendable {
     /// How many marks reached the disk (for tests and benchmarks).
     public var syncCount: Int { lock.withLock { _syncs } }
 
+    /// A range marked and its flush asked for; durable once `finish`
+    /// returns.
+    struct Pending {
+        let record: WriteIntent
+        let ticket: UInt64
+        let regions: ClosedRange<Int>
+        func finish() { record.finish(self) }
+    }
+
     /// Called by `CbtMap` after it marks a range, before the write goes on;
     /// returns once the range's marks are on the disk.
-    @inline(__always)
     func mark(offset: UInt64, length: UInt64) {
-        guard length > 0 else { return }
+        begin(offset: offset, length: length)?.finish()
+    }
+
+    /// Marks a range and asks for the flush that makes the marks durable,
+    /// without waiting for it: nil where every region was durable already.
+    /// The write must wait for `finish` before it lands.
+    func begin(offset: UInt64, length: UInt64) -> Pending? {
+        guard length > 0 else { return nil }
         let first = Int(offset >> UInt64(regionShift))
         let last = min(Int((offset + length - 1) >> UInt64(regionShift)), regionCount - 1)
-        guard first <= last else { return }
+        guard first <= last else { return nil }
         lock.lock()
+        defer { lock.unlock() }
         var ticket: UInt64 = 0
         var missing = false
         for r in first...last {
@@ -134,10 +151,7 @@ public final class WriteIntent: @unchecked Sendable {
                 break
             }
         }
-        guard fd >= 0, missing || ticket > 0 else {
-            lock.unlock()
-            return
-        }
+        guard fd >= 0, missing || ticket > 0 else { return nil }
         if missing {
             let one: [UInt8] = marked[first...last].map { $0 == 0 ? 0 : 1 }
             let written = one.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(Self.headerSize + first)) }
@@ -147,11 +161,15 @@ public final class WriteIntent: @unchecked Sendable {
             ticket = max(ticket, mine)
             _syncs += 1
         }
-        lock.unlock()
-        let failed = flusher.wait(for: ticket) != 0
+        return Pending(record: self, ticket: ticket, regions: first...last)
+    }
+
+    /// Returns once the marks `begin` made or found unflushed are durable.
+    private func finish(_ p: Pending) {
+        let failed = flusher.wait(for: p.ticket) != 0
         lock.withLock {
             if failed { _isBroken = true }
-            for r in first...last where marked[r] == Self.unflushed {
+            for r in p.regions where marked[r] == Self.unflushed {
                 if let t = pending[r], flusher.isDone(t) {
                     marked[r] = Self.flushed
                     pending[r] = nil
@@ -187,6 +205,7 @@ public final class WriteIntent: @unchecked Sendable {
     public var markedCount: Int { lock.withLock { marked.reduce(0) { $0 + ($1 == 0 ? 0 : 1) } } }
 
     public func close() {
+        flusher.stop()
         lock.withLock {
             if fd >= 0 { Glibc.close(fd) }
             fd = -1
