@@ -20,12 +20,20 @@ public protocol BlockDevice: AnyObject, Sendable {
     /// frontend may then have the kernel splice them to its client
     /// instead of copying them through a buffer of ours.
     func fileRange(at offset: UInt64, count: Int) -> (descriptor: Int32, offset: UInt64)?
+    /// Writes `count` bytes of the open file `source`, from `sourceOffset`,
+    /// here at `offset`, moved by the kernel without passing through a
+    /// buffer of ours (splice), as `write` would write them. False where
+    /// this device cannot: then the caller writes the bytes itself (what
+    /// was moved already, if anything, was the same bytes).
+    func write(fromFile source: Int32, at sourceOffset: UInt64, count: Int, to offset: UInt64) throws(BlksnapError) -> Bool
 }
 
 extension BlockDevice {
     public var alignment: Int { 1 }
     public func discard(at offset: UInt64, length: UInt64) throws(BlksnapError) {}
     public func fileRange(at offset: UInt64, count: Int) -> (descriptor: Int32, offset: UInt64)? { nil }
+    public func write(fromFile source: Int32, at sourceOffset: UInt64, count: Int,
+                      to offset: UInt64) throws(BlksnapError) -> Bool { false }
 
     /// Writes real zeros over a range, a MiB at a time: for a discard that
     /// must read back as zeros where the store cannot promise it, and for

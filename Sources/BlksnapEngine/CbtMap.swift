@@ -127,22 +127,28 @@ public final class CbtMap: @unchecked Sendable {
     /// Marks a write to the original. A byte only ever grows within a
     /// generation, as upstream's `num < snap_number` test keeps it.
     public func set(offset: UInt64, length: UInt64) {
-        guard length > 0 else { return }
+        beginSet(offset: offset, length: length)?.finish()
+    }
+
+    /// `set` for a write that copies on write while the intent's flush
+    /// runs: the write lands only after `finish` of what this returns.
+    func beginSet(offset: UInt64, length: UInt64) -> WriteIntent.Pending? {
+        guard length > 0 else { return nil }
         lock.lock()
-        guard !_isCorrupted else { lock.unlock(); return }
+        guard !_isCorrupted else { lock.unlock(); return nil }
         guard let range = blocks(offset: offset, length: length) else {
             // The engine bounds writes by the device, so this is a bug, and the
             // map can no longer be trusted: READ_CBT_MAP says so with EFAULT.
             _isCorrupted = true
             lock.unlock()
-            return
+            return nil
         }
         let active = UInt8(_active)
         for b in range where writeMap[b] < active { writeMap[b] = active }
         lock.unlock()
         // After the map, so a save that copies the map before this mark
         // finds the region marked again (`WriteIntent.beginSync`).
-        intent?.mark(offset: offset, length: length)
+        return intent?.begin(offset: offset, length: length)
     }
 
     /// Marks a block changed in both tables: a write to the snapshot image or

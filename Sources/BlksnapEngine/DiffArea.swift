@@ -18,8 +18,10 @@ import Glibc
 /// - while a chunk is `loading`, its writers and image readers wait on the
 ///   stripe's condition; other chunks go on in parallel.
 ///
-/// The hot path takes one stripe mutex per chunk touched, allocates nothing
-/// (chunk buffers come from a pool) and never waits for an actor.
+/// The hot path (chunks stored already) takes one stripe mutex per chunk
+/// touched, allocates nothing and never waits for an actor; a copy
+/// allocates only its list of regions (a buffer, where it needs one,
+/// comes from a pool).
 public final class DiffArea: @unchecked Sendable {
     public let devId: DevId
     public let capacity: UInt64
@@ -36,6 +38,10 @@ public final class DiffArea: @unchecked Sendable {
     private let poolLock = Lock()
     private var pool: [UnsafeMutableRawBufferPointer] = []
     private let poolLimit: Int
+    /// How many neighbouring chunks one copy claims at most: a MiB's worth
+    /// (what one request of the frontends carries at most), or one chunk
+    /// where chunks are larger.
+    private let batchChunks: Int
 
     /// `original` is the backing store beneath the engine: reads of it see
     /// exactly what has landed, and nothing here writes to it.
@@ -58,6 +64,7 @@ public final class DiffArea: @unchecked Sendable {
         while n < min(chunkCount, 4096) { n <<= 1 }
         stripes = (0..<n).map { _ in ChunkStripe() }
         stripeMask = n - 1
+        batchChunks = max(1, (1 << 20) >> shift)
         poolLimit = max(settings.chunkMaximumInCache, 1)
         self.onFailure = onFailure
         pool.reserveCapacity(poolLimit)
@@ -108,6 +115,11 @@ public final class DiffArea: @unchecked Sendable {
     /// point-in-time copy stored; the caller holds the device's gate shared
     /// and writes the original afterwards. A failure corrupts the snapshot
     /// and lets the write go on: the original is never held hostage.
+    ///
+    /// The chunks no one else is copying are claimed in runs of neighbours
+    /// and each run copied at once (`copy`); chunks another writer is
+    /// copying are waited for only after this one's own are stored, so no
+    /// writer ever waits while holding a claim.
     func copyOnWrite(offset: UInt64, length: UInt64) {
         guard length > 0 else { return }
         let first = Int(offset >> UInt64(chunkShift))
@@ -116,14 +128,25 @@ public final class DiffArea: @unchecked Sendable {
             waitForOriginalReaders(first...last)
             return
         }
-        for chunk in first...last {
-            do {
-                _ = try ensureStored(chunk)
-            } catch {
-                if !isCorrupted { onFailure(error) }
-                waitForOriginalReaders(first...last)
-                return
+        do throws(BlksnapError) {
+            var othersCopying = false
+            var chunk = first
+            while chunk <= last {
+                let (run, stored) = claim(from: chunk, through: min(last, chunk + batchChunks - 1))
+                if run.isEmpty {
+                    if !stored { othersCopying = true }
+                    chunk += 1
+                } else {
+                    try copy(run)
+                    chunk = run.upperBound
+                }
             }
+            if othersCopying {
+                for chunk in first...last { _ = try ensureStored(chunk) }
+            }
+        } catch {
+            if !isCorrupted { onFailure(error) }
+            waitForOriginalReaders(first...last)
         }
     }
 
@@ -131,6 +154,28 @@ public final class DiffArea: @unchecked Sendable {
     /// before their writes may land: what a test waits for to know a write
     /// is held, rather than guessing how long holding takes.
     var copiesWaitingForReaders: Int { stripes.reduce(0) { sum, s in sum + s.lock.withLock { s.draining } } }
+
+    /// Marks `loading` the chunks from `start` on that are neither stored
+    /// nor being copied, up to `end`, stopping at the first that is: the
+    /// run this caller now copies. Empty when `start` itself is taken;
+    /// `stored` says whether it is because `start` is stored already.
+    private func claim(from start: Int, through end: Int) -> (run: Range<Int>, stored: Bool) {
+        var chunk = start
+        var stored = false
+        while chunk <= end {
+            let s = stripe(chunk)
+            let claimed = s.lock.withLock { () -> Bool in
+                let state = ChunkState(rawValue: states[chunk])
+                stored = state.contains(.storeReady)
+                guard !stored, !state.contains(.loading), !isCorrupted else { return false }
+                states[chunk] |= ChunkState.loading.rawValue
+                return true
+            }
+            guard claimed else { break }
+            chunk += 1
+        }
+        return (start..<chunk, chunk == start && stored)
+    }
 
     /// A corrupted snapshot copies nothing more, but a write still waits
     /// for the image reads of the original in flight on its chunks: a
@@ -168,44 +213,101 @@ public final class DiffArea: @unchecked Sendable {
         }
         states[chunk] |= ChunkState.loading.rawValue
         s.lock.unlock()
+        try copy(chunk..<(chunk + 1))
+        return s.lock.withLock { s.locations[UInt32(chunk)]! }
+    }
 
-        let region: DiffRegion
-        do {
-            region = try copy(chunk)
+    /// Copies `run`, chunks this caller claimed (`loading`), from the
+    /// original to fresh regions of the storage, then makes each
+    /// `storeReady` once the image reads of the original in flight on its
+    /// stripe are done. On failure every chunk of the run is `failed`.
+    ///
+    /// Where the original is a file, each stretch of neighbouring regions
+    /// is one write, moved by the kernel from the original's page cache
+    /// straight to the storage (a 1 MiB write is one splice, not four
+    /// reads and writes of 256 KiB); else, or where the storage cannot
+    /// take a splice, each chunk is read into a buffer, cut from the
+    /// storage and written, in that order.
+    private func copy(_ run: Range<Int>) throws(BlksnapError) {
+        let regions = UnsafeMutableBufferPointer<DiffRegion>.allocate(capacity: run.count)
+        var allocated = 0
+        defer {
+            regions.baseAddress!.deinitialize(count: allocated)
+            regions.deallocate()
+        }
+        do throws(BlksnapError) {
+            let start = UInt64(run.lowerBound) << UInt64(chunkShift)
+            let n = Int(min(UInt64(run.count) << UInt64(chunkShift), capacity - start))
+            // A short last chunk is padded to a sector: through a buffer.
+            if n % 512 == 0, let source = original.fileRange(at: start, count: n) {
+                for i in 0..<run.count {
+                    (regions.baseAddress! + i).initialize(to: try allocate(run.lowerBound + i))
+                    allocated += 1
+                }
+                var i = 0
+                while i < run.count {
+                    var j = i + 1
+                    while j < run.count, regions[j].device === regions[i].device,
+                          regions[j].offset == regions[i].offset + UInt64((j - i) * chunkSize) { j += 1 }
+                    let from = i * chunkSize, to = min(j * chunkSize, n)
+                    if try !regions[i].device.write(fromFile: source.descriptor, at: source.offset + UInt64(from),
+                                                    count: to - from, to: regions[i].offset) {
+                        for k in i..<j { try copyThroughBuffer(run.lowerBound + k, to: regions[k]) }
+                    }
+                    i = j
+                }
+            } else {
+                for i in 0..<run.count {
+                    (regions.baseAddress! + i).initialize(to: try copyThroughBuffer(run.lowerBound + i))
+                    allocated += 1
+                }
+            }
         } catch {
-            s.lock.withLock {
-                states[chunk] = (states[chunk] & ~ChunkState.loading.rawValue) | ChunkState.failed.rawValue
-                s.condition.broadcast()
+            for chunk in run {
+                let s = stripe(chunk)
+                s.lock.withLock {
+                    states[chunk] = (states[chunk] & ~ChunkState.loading.rawValue) | ChunkState.failed.rawValue
+                    s.condition.broadcast()
+                }
             }
             throw error
         }
+        for (i, chunk) in run.enumerated() {
+            counters?.countChunkCopied()
+            let s = stripe(chunk)
+            s.lock.lock()
+            s.draining += 1
+            while s.originalReaders > 0 { s.condition.wait(s.lock) }
+            s.draining -= 1
+            s.locations[UInt32(chunk)] = regions[i]
+            states[chunk] = (states[chunk] & ~ChunkState.loading.rawValue) | ChunkState.storeReady.rawValue
+            s.condition.broadcast()
+            s.lock.unlock()
+        }
+    }
 
-        s.lock.lock()
-        s.draining += 1
-        while s.originalReaders > 0 { s.condition.wait(s.lock) }
-        s.draining -= 1
-        s.locations[UInt32(chunk)] = region
-        states[chunk] = (states[chunk] & ~ChunkState.loading.rawValue) | ChunkState.storeReady.rawValue
-        s.condition.broadcast()
-        s.lock.unlock()
+    /// A fresh region of the storage for `chunk`, padded to a sector.
+    private func allocate(_ chunk: Int) throws(BlksnapError) -> DiffRegion {
+        guard let region = storage.allocate(sectors: UInt64((length(of: chunk) + 511) & ~511) >> sectorShift) else {
+            throw BlksnapError(.noSpace, "difference storage is full")
+        }
         return region
     }
 
-    /// Reads the chunk from the original and writes it to a fresh region.
-    private func copy(_ chunk: Int) throws(BlksnapError) -> DiffRegion {
+    /// Reads `chunk` from the original into a buffer and writes it to
+    /// `region`, or to a region cut from the storage after the read.
+    @discardableResult
+    private func copyThroughBuffer(_ chunk: Int, to region: DiffRegion? = nil) throws(BlksnapError) -> DiffRegion {
         let n = length(of: chunk)
         let padded = (n + 511) & ~511
         let buffer = takeBuffer()
         defer { giveBack(buffer) }
-        let data = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n])
-        try original.read(into: data, at: UInt64(chunk) << UInt64(chunkShift))
+        try original.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n]), at: UInt64(chunk) << UInt64(chunkShift))
         if padded > n { (buffer.baseAddress! + n).initializeMemory(as: UInt8.self, repeating: 0, count: padded - n) }
-        guard let region = storage.allocate(sectors: UInt64(padded) >> sectorShift) else {
-            throw BlksnapError(.noSpace, "difference storage is full")
-        }
-        try region.device.write(UnsafeRawBufferPointer(rebasing: buffer[0..<padded]), at: region.offset)
-        counters?.countChunkCopied()
-        return region
+        let target: DiffRegion
+        if let region { target = region } else { target = try allocate(chunk) }
+        try target.device.write(UnsafeRawBufferPointer(rebasing: buffer[0..<padded]), at: target.offset)
+        return target
     }
 
     // MARK: image I/O

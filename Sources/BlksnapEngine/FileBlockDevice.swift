@@ -116,6 +116,20 @@ public final class FileBlockDevice: BlockDevice, @unchecked Sendable {
         }
     }
 
+    /// Through the O_DIRECT descriptor where offset and length allow it,
+    /// as `write` does: the device reads the source's page-cache pages
+    /// itself, and the call returns once it has.
+    public func write(fromFile source: Int32, at sourceOffset: UInt64, count: Int,
+                      to offset: UInt64) throws(BlksnapError) -> Bool {
+        let aligned = directFd >= 0 && offset % 4096 == 0 && count % 4096 == 0 && sourceOffset % 4096 == 0
+        do throws(BlksnapError) {
+            return try SplicePipe.move(from: source, at: sourceOffset, to: aligned ? directFd : descriptor.rawValue,
+                                       at: offset, count: count)
+        } catch {
+            throw BlksnapError(error.errno, "write of \(path) at \(offset) failed: \(error.message)")
+        }
+    }
+
     public func flush() throws(BlksnapError) {
         guard fdatasync(descriptor.rawValue) == 0 else {
             throw BlksnapError(Errno(rawValue: errno), "flush of \(path) failed")

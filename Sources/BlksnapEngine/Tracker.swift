@@ -28,10 +28,12 @@ public final class Tracker: @unchecked Sendable {
     }
 
     /// Before a write (or discard) to the original lands: CBT first, then the
-    /// point-in-time copy of the chunks it touches.
+    /// point-in-time copy of the chunks it touches, while the write-intent
+    /// record's flush runs; both are done when this returns.
     @inline(__always)
     func beforeWrite(offset: UInt64, length: UInt64) {
-        cbtMap.set(offset: offset, length: length)
+        let pending = cbtMap.beginSet(offset: offset, length: length)
         diffArea?.copyOnWrite(offset: offset, length: length)
+        pending?.finish()
     }
 }

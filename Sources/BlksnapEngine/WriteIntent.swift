@@ -11,7 +11,12 @@ import Glibc
 /// after a crash (kill -9, power loss) every region that may hold a write
 /// the saved CBT table lacks is marked; the restored map counts each marked
 /// region as written. A region already marked costs one lock and one byte
-/// load per write, which is what keeps the record cheap.
+/// load per write, which is what keeps the record cheap. Writers that mark
+/// new regions at once share one fdatasync (`GroupFlush`): each waits,
+/// outside the lock, for a flush that began after its byte was written,
+/// and a writer that finds a region marked but not yet flushed waits for
+/// the same flush. A write may copy on write while its flush runs
+/// (`begin`, then `finish` before the original is written).
 ///
 /// Regions are cleared lazily by `CbtStore.save`: `beginSync` forgets the
 /// marks in memory (later writes mark again), the CBT table is copied and
@@ -25,7 +30,7 @@ import Glibc
 ///
 /// Layout: a 4096-byte header (magic, region shift, region count, a
 /// CRC-32C of those), then `regionCount` bytes, 1 for marked.
-/// `lock` guards `marked` and every write to the file.
+/// `lock` guards `marked`, `pending` and every write to the file.
 public final class WriteIntent: @unchecked Sendable {
     public let path: String
     public let regionShift: Int
@@ -35,6 +40,11 @@ public final class WriteIntent: @unchecked Sendable {
     private var fd: Int32
     private var _isBroken = false
     private var _syncs = 0
+    /// Regions whose byte is written but maybe not yet flushed (`marked`
+    /// holds `unflushed` for them), with the flush that makes it durable.
+    private var pending: [Int: UInt64] = [:]
+    private let flusher: GroupFlush
+    private static let flushed: UInt8 = 1, unflushed: UInt8 = 2
 
     static let magic: [UInt8] = Array("BSWINT01".utf8)
     static let headerSize = 4096
@@ -47,10 +57,17 @@ public final class WriteIntent: @unchecked Sendable {
         (self.path, self.fd, self.regionShift, self.regionCount) = (path, fd, regionShift, regionCount)
         marked = .allocate(capacity: max(regionCount, 1))
         marked.initialize(repeating: 0)
+        // A descriptor of its own: `close` may end `fd` while a flush runs.
+        let syncFd = dup(fd)
+        flusher = GroupFlush { fdatasync(syncFd) == 0 ? 0 : errno }
+        self.syncFd = syncFd
     }
+
+    private let syncFd: Int32
 
     deinit {
         close()
+        if syncFd >= 0 { Glibc.close(syncFd) }
         marked.deallocate()
     }
 
@@ -96,33 +113,78 @@ public final class WriteIntent: @unchecked Sendable {
     /// How many marks reached the disk (for tests and benchmarks).
     public var syncCount: Int { lock.withLock { _syncs } }
 
-    /// Called by `CbtMap` after it marks a range, before the write goes on.
-    @inline(__always)
+    /// A range marked and its flush asked for; durable once `finish`
+    /// returns.
+    struct Pending {
+        let record: WriteIntent
+        let ticket: UInt64
+        let regions: ClosedRange<Int>
+        func finish() { record.finish(self) }
+    }
+
+    /// Called by `CbtMap` after it marks a range, before the write goes on;
+    /// returns once the range's marks are on the disk.
     func mark(offset: UInt64, length: UInt64) {
-        guard length > 0 else { return }
+        begin(offset: offset, length: length)?.finish()
+    }
+
+    /// Marks a range and asks for the flush that makes the marks durable,
+    /// without waiting for it: nil where every region was durable already.
+    /// The write must wait for `finish` before it lands.
+    func begin(offset: UInt64, length: UInt64) -> Pending? {
+        guard length > 0 else { return nil }
         let first = Int(offset >> UInt64(regionShift))
         let last = min(Int((offset + length - 1) >> UInt64(regionShift)), regionCount - 1)
-        guard first <= last else { return }
+        guard first <= last else { return nil }
         lock.lock()
         defer { lock.unlock() }
+        var ticket: UInt64 = 0
         var missing = false
-        for r in first...last where marked[r] == 0 {
-            marked[r] = 1
-            missing = true
+        for r in first...last {
+            switch marked[r] {
+            case 0:
+                marked[r] = Self.unflushed
+                missing = true
+            case Self.unflushed:
+                ticket = max(ticket, pending[r] ?? 0)
+            default:
+                break
+            }
         }
-        guard missing, fd >= 0 else { return }
-        let one: [UInt8] = Array(marked[first...last])
-        let written = one.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(Self.headerSize + first)) }
-        if written != one.count || fdatasync(fd) != 0 {
-            _isBroken = true
+        guard fd >= 0, missing || ticket > 0 else { return nil }
+        if missing {
+            let one: [UInt8] = marked[first...last].map { $0 == 0 ? 0 : 1 }
+            let written = one.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(Self.headerSize + first)) }
+            if written != one.count { _isBroken = true }
+            let mine = flusher.ticket()
+            for r in first...last where marked[r] == Self.unflushed && pending[r] == nil { pending[r] = mine }
+            ticket = max(ticket, mine)
+            _syncs += 1
         }
-        _syncs += 1
+        return Pending(record: self, ticket: ticket, regions: first...last)
+    }
+
+    /// Returns once the marks `begin` made or found unflushed are durable.
+    private func finish(_ p: Pending) {
+        let failed = flusher.wait(for: p.ticket) != 0
+        lock.withLock {
+            if failed { _isBroken = true }
+            for r in p.regions where marked[r] == Self.unflushed {
+                if let t = pending[r], flusher.isDone(t) {
+                    marked[r] = Self.flushed
+                    pending[r] = nil
+                }
+            }
+        }
     }
 
     /// A save is about to copy the CBT map: marks made from now on are
     /// written to the file again.
     func beginSync() {
-        lock.withLock { marked.update(repeating: 0) }
+        lock.withLock {
+            marked.update(repeating: 0)
+            pending.removeAll(keepingCapacity: true)
+        }
     }
 
     /// The saved map holds every write marked before `beginSync`: the file
@@ -130,7 +192,8 @@ public final class WriteIntent: @unchecked Sendable {
     func finishSync() throws(BlksnapError) {
         try lock.withLock { () throws(BlksnapError) in
             guard fd >= 0 else { return }
-            let n = pwrite(fd, marked.baseAddress, regionCount, off_t(Self.headerSize))
+            let bytes: [UInt8] = marked.map { $0 == 0 ? 0 : 1 }
+            let n = pwrite(fd, bytes, regionCount, off_t(Self.headerSize))
             guard n == regionCount, fdatasync(fd) == 0 else {
                 _isBroken = true
                 throw BlksnapError(Errno(rawValue: errno), "cannot clear the write-intent record \(path)")
@@ -139,9 +202,10 @@ public final class WriteIntent: @unchecked Sendable {
     }
 
     /// How many regions are marked in memory.
-    public var markedCount: Int { lock.withLock { marked.reduce(0) { $0 + Int($1) } } }
+    public var markedCount: Int { lock.withLock { marked.reduce(0) { $0 + ($1 == 0 ? 0 : 1) } } }
 
     public func close() {
+        flusher.stop()
         lock.withLock {
             if fd >= 0 { Glibc.close(fd) }
             fd = -1

@@ -17,6 +17,34 @@ int blksnap_punch_hole(int fd, off_t offset, off_t length)
 	return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
 }
 
+int blksnap_pipe(int fds[2], int size, int *capacity)
+{
+	if (pipe2(fds, O_CLOEXEC) != 0)
+		return -1;
+	fcntl(fds[1], F_SETPIPE_SZ, size);
+	*capacity = fcntl(fds[1], F_GETPIPE_SZ);
+	if (*capacity <= 0)
+		*capacity = 65536;
+	return 0;
+}
+
+ssize_t blksnap_splice(int from, int64_t *from_offset, int to, int64_t *to_offset, size_t count)
+{
+	loff_t in, out;
+	ssize_t n;
+
+	if (from_offset)
+		in = *from_offset;
+	if (to_offset)
+		out = *to_offset;
+	n = splice(from, from_offset ? &in : NULL, to, to_offset ? &out : NULL, count, SPLICE_F_MOVE);
+	if (from_offset)
+		*from_offset = in;
+	if (to_offset)
+		*to_offset = out;
+	return n;
+}
+
 int blksnap_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid)
 {
 	struct ucred cred;

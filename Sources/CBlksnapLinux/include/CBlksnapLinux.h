@@ -15,6 +15,12 @@ extern const int blksnap_o_direct;
 /* fallocate(2) with FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE. */
 int blksnap_punch_hole(int fd, off_t offset, off_t length);
 
+/* A close-on-exec pipe of at least `size` bytes where the kernel allows
+ * (F_SETPIPE_SZ); 0, with the capacity it has in *capacity, or -1 with errno. */
+int blksnap_pipe(int fds[2], int size, int *capacity);
+/* splice(2) with SPLICE_F_MOVE; a null offset pointer for a pipe's end. */
+ssize_t blksnap_splice(int from, int64_t *from_offset, int to, int64_t *to_offset, size_t count);
+
 
 /* Descriptor passing (fd_passing.c). send: one message, with `fd` as
  * SCM_RIGHTS unless it is -1, to `to` when given (a datagram socket) else
