@@ -21,6 +21,7 @@ final class GroupFlush: @unchecked Sendable {
     /// The highest ticket given out.
     private var wanted: UInt64 = 0
     private var stopped = false
+    private var flushing = false
     /// The number of the last flush that failed, and its errno.
     private var failed: UInt64 = 0
     private var failure: Int32 = 0
@@ -43,9 +44,11 @@ final class GroupFlush: @unchecked Sendable {
             }
             started += 1
             let number = started
+            flushing = true
             lock.unlock()
             let result = flush()
             lock.lock()
+            flushing = false
             finished = number
             if result != 0 { (failed, failure) = (number, result) }
             changed.broadcast()
@@ -53,8 +56,15 @@ final class GroupFlush: @unchecked Sendable {
         lock.unlock()
     }
 
-    /// Ends the thread; waiters from then on fail with ECANCELED.
-    func stop() { lock.withLock { stopped = true; changed.broadcast() } }
+    /// Ends the thread; waiters from then on fail with ECANCELED. Returns
+    /// once no flush runs, so the caller may close what `flush` uses.
+    func stop() {
+        lock.withLock {
+            stopped = true
+            changed.broadcast()
+            while flushing { changed.wait(lock) }
+        }
+    }
 
     /// The first flush that begins from now on, asked for: a write that has
     /// returned is durable once it has finished.
