@@ -141,12 +141,18 @@ func eventually(_ condition: () -> Bool) -> Bool {
     return condition()
 }
 
+/// A maker over a fake driver and a real server; stop the server at the end.
+func fixture(configured: [Int: String] = [:]) throws -> (Server, FakeNbdDriver, KernelNbdDevices) {
+    let server = try Server(exports: [], logger: quietLogger())
+    let driver = FakeNbdDriver()
+    driver.configured = configured
+    return (server, driver, KernelNbdDevices(server: server, logger: quietLogger(), driver: driver))
+}
+
 @Suite struct KernelNbdDevicesTests {
     @Test func aDeviceIsConnectedWithOneServedSocketPerConnection() throws {
-        let server = try Server(exports: [], logger: quietLogger())
+        let (server, driver, maker) = try fixture()
         defer { server.stop() }
-        let driver = FakeNbdDriver()
-        let maker = KernelNbdDevices(server: server, logger: quietLogger(), driver: driver)
         maker.connectionsPerDevice = 3
         let made = nbd(5, connections: maker.connectionsPerDevice)
         try maker.bind(made, to: VolatileDevice(), backend: "b")
@@ -164,10 +170,8 @@ func eventually(_ condition: () -> Bool) -> Bool {
     }
 
     @Test func aFlushOnOneConnectionCoversWritesAcknowledgedOnTheOthers() throws {
-        let server = try Server(exports: [], logger: quietLogger())
+        let (server, driver, maker) = try fixture()
         defer { server.stop() }
-        let driver = FakeNbdDriver()
-        let maker = KernelNbdDevices(server: server, logger: quietLogger(), driver: driver)
         let device = VolatileDevice()
         try maker.bind(nbd(6, connections: 3), to: device, backend: "b")
         let sockets = driver.socketsOf(6)
@@ -180,10 +184,8 @@ func eventually(_ condition: () -> Bool) -> Bool {
     }
 
     @Test func aDroppedConnectionIsReplacedByExactlyOne() throws {
-        let server = try Server(exports: [], logger: quietLogger())
+        let (server, driver, maker) = try fixture()
         defer { server.stop() }
-        let driver = FakeNbdDriver()
-        let maker = KernelNbdDevices(server: server, logger: quietLogger(), driver: driver)
         let made = nbd(7, connections: 3)
         try maker.bind(made, to: VolatileDevice(), backend: "b")
         driver.drop(7, socket: 1)
@@ -196,9 +198,7 @@ func eventually(_ condition: () -> Bool) -> Bool {
     }
 
     @Test func anUnboundDeviceIsNotReconnected() throws {
-        let server = try Server(exports: [], logger: quietLogger())
-        let driver = FakeNbdDriver()
-        let maker = KernelNbdDevices(server: server, logger: quietLogger(), driver: driver)
+        let (server, driver, maker) = try fixture()
         let made = nbd(8, connections: 2)
         try maker.bind(made, to: VolatileDevice(), backend: "b")
         #expect(server.connectionCount == 2)
@@ -213,11 +213,8 @@ func eventually(_ condition: () -> Bool) -> Bool {
     }
 
     @Test func aReclaimedDeviceGetsAsManySocketsAsItWasMadeWith() throws {
-        let server = try Server(exports: [], logger: quietLogger())
+        let (server, driver, maker) = try fixture(configured: [9: "b"])
         defer { server.stop() }
-        let driver = FakeNbdDriver()
-        driver.configured[9] = "b"
-        let maker = KernelNbdDevices(server: server, logger: quietLogger(), driver: driver)
         maker.connectionsPerDevice = 1
         try maker.reclaim(nbd(9, connections: 4), as: VolatileDevice(), backend: "b")
         #expect(driver.calls == [.reconfigure(index: 9, sockets: 4)])
@@ -225,11 +222,8 @@ func eventually(_ condition: () -> Bool) -> Bool {
     }
 
     @Test func aSavedCountOutOfRangeIsRefusedBeforeAnySocketIsMade() throws {
-        let server = try Server(exports: [], logger: quietLogger())
+        let (server, driver, maker) = try fixture(configured: [10: "b"])
         defer { server.stop() }
-        let driver = FakeNbdDriver()
-        driver.configured[10] = "b"
-        let maker = KernelNbdDevices(server: server, logger: quietLogger(), driver: driver)
         for count in [0, -1, NetlinkNbdDriver.maxSockets + 1, Int.max] {
             let error = #expect(throws: BlksnapError.self) {
                 try maker.reclaim(nbd(10, connections: count), as: VolatileDevice(), backend: "b")
@@ -244,11 +238,8 @@ func eventually(_ condition: () -> Bool) -> Bool {
     }
 
     @Test func aDeviceShowingAnotherBackendIsNotTakenOver() throws {
-        let server = try Server(exports: [], logger: quietLogger())
+        let (server, driver, maker) = try fixture(configured: [11: "someone else"])
         defer { server.stop() }
-        let driver = FakeNbdDriver()
-        driver.configured[11] = "someone else"
-        let maker = KernelNbdDevices(server: server, logger: quietLogger(), driver: driver)
         let error = #expect(throws: BlksnapError.self) {
             try maker.reclaim(nbd(11, connections: 2), as: VolatileDevice(), backend: "b")
         }
