@@ -230,6 +230,14 @@ let package = Package(
             ]
         ),
         .testTarget(
+            name: "BlksnapKernelNBDTests",
+            dependencies: [
+                "BlksnapKernelNBD", "BlksnapNBD", "BlksnapDevices", "BlksnapEngine", "BlksnapABI",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        .testTarget(
             name: "BlksnapServiceTests",
             dependencies: [
                 "BlksnapService", "BlksnapControlProtocol", "BlksnapEngine", "BlksnapABI", "BlksnapTestSupport",

@@ -29,6 +29,9 @@ requires mkfs.ext4; requires e2fsck; requires md5sum
 # Kernel NBD: the kernel holds a dead device's requests for this long; a
 # slow guest (the lane under TCG) may take a minute to start blksnapd again.
 options=(--nbd-dead-timeout 600)
+# Kernel NBD: two connections per device, each handed over again after the kill.
+connections=2
+options+=(--nbd-connections $connections)
 start_blksnapd "${options[@]}"
 state=$scratch/state
 read -r dev dev_id < <(attach "$scratch/disk.img" $((128 << 20)))
@@ -41,6 +44,16 @@ echo "# routed device $dev ($kind)"
 mkfs.ext4 -q -F "$dev"
 mount_at "$dev" "$scratch/mnt"
 check "the saved list names $dev" grep -qF "\"$dev\"" "$state/devices.json"
+if [ $kind = nbd ]; then
+    # The kernel gives a device a hardware queue per connection (at most one
+    # per CPU) and sends each queue's requests on its own socket.
+    queues=$(( connections < $(nproc) ? connections : $(nproc) ))
+    nbd_queues() { find "/sys/block/${dev#/dev/}/mq" -mindepth 1 -maxdepth 1 | wc -l; }
+    check "$dev has $queues hardware queues: $connections connections on $(nproc) CPUs" test "$(nbd_queues)" -eq $queues
+    check "the saved list says $connections connections" grep -Eq "\"connections\" *: *$connections\b" "$state/devices.json"
+    reconnected() { dmesg | grep -c "${dev#/dev/}: reconnected socket" || true; }
+    reconnected_before=$(reconnected)
+fi
 
 # What takes over on FUSE+loop: a kernel from 6.9 on can send requests again.
 resend=no
@@ -108,6 +121,11 @@ if [ $kind = loop ] && [ $resend = yes ]; then
 fi
 if [ $carries_on != no ]; then
     check "the new blksnapd serves $dev again" grep -q "$dev .* routes .* again" "$scratch/blksnapd.log"
+    if [ $kind = nbd ]; then
+        check "the new blksnapd handed the kernel $connections sockets (NBD_CMD_RECONFIGURE)" \
+            test "$(reconnected)" -eq $((reconnected_before + connections))
+        check "$dev still has $queues hardware queues" test "$(nbd_queues)" -eq $queues
+    fi
     "$blksnapctl" status --json >"$scratch/status.json"
     check "status lists $dev_id as routed" grep -qF "\"$dev_id\"" "$scratch/status.json"
     check "${dev#/dev/} is exported over NBD again" grep -qF "\"${dev#/dev/}\"" "$scratch/status.json"

@@ -9,9 +9,12 @@ public struct MadeDevice: Sendable, Equatable {
     public var devId: DevId
     /// The maker's own handle (a loop or nbd index).
     public var index: Int
+    /// The connections the kernel has to blksnapd for it (kernel NBD:
+    /// sockets; 1 elsewhere). A restarted blksnapd hands over as many.
+    public var connections: Int
 
-    public init(name: String, node: String, devId: DevId, index: Int) {
-        (self.name, self.node, self.devId, self.index) = (name, node, devId, index)
+    public init(name: String, node: String, devId: DevId, index: Int, connections: Int = 1) {
+        (self.name, self.node, self.devId, self.index, self.connections) = (name, node, devId, index, connections)
     }
 }
 

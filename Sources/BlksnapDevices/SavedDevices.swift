@@ -36,16 +36,22 @@ public struct SavedDevices: Codable, Equatable, Sendable {
         public var live: Live?
         /// Routed devices: the name given with attach --name (its stable link).
         public var declaredName: String?
+        /// Kernel NBD: the device's connections where more than one (a list
+        /// written before there could be more has none: one).
+        public var connections: Int?
 
         public init(kind: String, made: MadeDevice, backend: String, backing: String? = nil,
                     sizeBytes: UInt64? = nil, nodes: [String]? = nil) {
             (self.kind, self.name, self.node, self.index, self.backend) = (kind, made.name, made.node, made.index, backend)
             (self.major, self.minor) = (made.devId.major, made.devId.minor)
             (self.backing, self.sizeBytes, self.nodes) = (backing, sizeBytes, nodes)
+            connections = made.connections == 1 ? nil : made.connections
         }
 
+        /// `connections` is as the file says: the maker checks it.
         public var made: MadeDevice {
-            MadeDevice(name: name, node: node, devId: DevId(major: major, minor: minor), index: index)
+            MadeDevice(name: name, node: node, devId: DevId(major: major, minor: minor), index: index,
+                       connections: connections ?? 1)
         }
     }
 

@@ -226,6 +226,13 @@ final class Connection: @unchecked Sendable {
                 try device.write(UnsafeRawBufferPointer(job.payload!), at: r.offset)
                 if fua { try device.flush() }
             case .flush:
+                // Global, not this connection's: every connection to the
+                // export writes through the same device and answers a
+                // write only once the device has it, so the device's flush
+                // (fdatasync of the backing) covers what any connection
+                // acknowledged. The kernel, with several connections to a
+                // device, sends its FLUSH on one of them and relies on
+                // that (NBD_FLAG_CAN_MULTI_CONN).
                 try device.flush()
             case .trim:
                 try device.discard(at: r.offset, length: UInt64(r.length))

@@ -56,6 +56,8 @@ public struct Export: Sendable {
 
     /// The transmission flags of this export on a connection.
     public func transmissionFlags(structuredReplies: Bool) -> UInt16 {
+        // CAN_MULTI_CONN: a FLUSH on one connection makes durable what
+        // every connection acknowledged (Connection's flush says why).
         var flags = NBD.flagHasFlags | NBD.flagSendFlush | NBD.flagCanMultiConn
         if readOnly {
             flags |= NBD.flagReadOnly

@@ -121,13 +121,22 @@ static int start(struct message *m, uint8_t cmd)
 	return 0;
 }
 
-static void put_socket(struct message *m, int sockfd)
+/* Each socket is one connection of the device: the kernel gives the device
+ * a hardware queue per connection (at most one per CPU) and sends each
+ * queue's requests on its own socket. 12 bytes a socket: the message holds
+ * far more than BLKSNAP_NBD_MAX_SOCKETS. */
+static int put_sockets(struct message *m, const int *sockfds, unsigned count)
 {
+	if (count == 0 || count > BLKSNAP_NBD_MAX_SOCKETS)
+		return -EINVAL;
 	struct nlattr *sockets = put_attr(m, NBD_ATTR_SOCKETS | NLA_F_NESTED, NULL, 0);
-	struct nlattr *item = put_attr(m, NBD_SOCK_ITEM | NLA_F_NESTED, NULL, 0);
-	put_u32(m, NBD_SOCK_FD, (uint32_t)sockfd);
-	item->nla_len = (char *)m + m->nl.nlmsg_len - (char *)item;
+	for (unsigned i = 0; i < count; i++) {
+		struct nlattr *item = put_attr(m, NBD_SOCK_ITEM | NLA_F_NESTED, NULL, 0);
+		put_u32(m, NBD_SOCK_FD, (uint32_t)sockfds[i]);
+		item->nla_len = (char *)m + m->nl.nlmsg_len - (char *)item;
+	}
 	sockets->nla_len = (char *)m + m->nl.nlmsg_len - (char *)sockets;
+	return 0;
 }
 
 int blksnap_nbd_available(void)
@@ -142,7 +151,7 @@ static void put_backend(struct message *m, const char *backend)
 		put_attr(m, NBD_ATTR_BACKEND_IDENTIFIER, backend, strnlen(backend, 255) + 1);
 }
 
-int blksnap_nbd_connect(uint32_t index, int sockfd, uint64_t size, uint64_t block_size,
+int blksnap_nbd_connect(uint32_t index, const int *sockfds, unsigned count, uint64_t size, uint64_t block_size,
 			uint64_t server_flags, uint64_t timeout_s, uint64_t dead_timeout_s,
 			const char *backend)
 {
@@ -157,11 +166,15 @@ int blksnap_nbd_connect(uint32_t index, int sockfd, uint64_t size, uint64_t bloc
 	put_u64(&m, NBD_ATTR_TIMEOUT, timeout_s);
 	put_u64(&m, NBD_ATTR_DEAD_CONN_TIMEOUT, dead_timeout_s);
 	put_backend(&m, backend);
-	put_socket(&m, sockfd);
-	return transact(&m, NULL);
+	r = put_sockets(&m, sockfds, count);
+	return r < 0 ? r : transact(&m, NULL);
 }
 
-int blksnap_nbd_reconfigure(uint32_t index, int sockfd, uint64_t dead_timeout_s, const char *backend)
+/* The kernel puts each socket in place of a dead connection of the device;
+ * one more than it has dead is dropped without an error (ENOSPC is not
+ * returned), so the caller must hand over no more than died. */
+int blksnap_nbd_reconfigure(uint32_t index, const int *sockfds, unsigned count, uint64_t dead_timeout_s,
+			    const char *backend)
 {
 	struct message m;
 	int r = start(&m, NBD_CMD_RECONFIGURE);
@@ -170,8 +183,8 @@ int blksnap_nbd_reconfigure(uint32_t index, int sockfd, uint64_t dead_timeout_s,
 	put_u32(&m, NBD_ATTR_INDEX, index);
 	put_u64(&m, NBD_ATTR_DEAD_CONN_TIMEOUT, dead_timeout_s);
 	put_backend(&m, backend);
-	put_socket(&m, sockfd);
-	return transact(&m, NULL);
+	r = put_sockets(&m, sockfds, count);
+	return r < 0 ? r : transact(&m, NULL);
 }
 
 int blksnap_nbd_disconnect(uint32_t index)

@@ -115,6 +115,13 @@ struct Blksnapd: ParsableCommand {
         """)
     var nbdDeadTimeout: UInt64 = 60
 
+    @Option(help: """
+        Kernel NBD devices: connections (sockets, each with its own server threads) per \
+        device, 1 to 16; the kernel sends each CPU's requests on one of them. Default: one \
+        per CPU, at most 4. A device reclaimed after a crash keeps the count it was made with.
+        """)
+    var nbdConnections: Int?
+
     @Option(help: "Sectors asked for at snapshot creation and in each low-free-space event (module: diff_storage_minimum).")
     var diffStorageMinimum: UInt64 = EngineSettings().diffStorageMinimum
 
@@ -189,6 +196,9 @@ struct Blksnapd: ParsableCommand {
         }
         guard (1...86400).contains(cbtSaveInterval) else { throw ValidationError("--cbt-save-interval lies between 1 and 86400 seconds") }
         guard nbdRequestTimeout >= 1, nbdDeadTimeout >= 1 else { throw ValidationError("NBD timeouts are at least 1 second") }
+        if let nbdConnections, !(1...NetlinkNbdDriver.maxSockets).contains(nbdConnections) {
+            throw ValidationError("--nbd-connections lies between 1 and \(NetlinkNbdDriver.maxSockets)")
+        }
         guard diffStorageMinimum >= 16 else { throw ValidationError("--diff-storage-minimum is too small") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown log level \(logLevel)") }
         if let metrics {
@@ -270,6 +280,7 @@ struct Blksnapd: ParsableCommand {
             let nbdDevices = KernelNbdDevices(server: nbd, logger: logger)
             nbdDevices.requestTimeout = nbdRequestTimeout
             nbdDevices.deadConnectionTimeout = nbdDeadTimeout
+            if let nbdConnections { nbdDevices.connectionsPerDevice = nbdConnections }
             maker = nbdDevices
         } else {
             maker = FuseLoopDevices(mountpoint: stateDir + "/devices", logger: logger, store: connectionStore)

@@ -98,6 +98,22 @@ func routedDevice(_ made: MadeDevice, kind: String, backing: String, size: UInt6
         #expect(!FileManager.default.fileExists(atPath: scratch.list))
     }
 
+    @Test func aDeviceKeepsItsConnectionCountAndAnOlderListMeansOne() throws {
+        let scratch = Scratch()
+        let made = MadeDevice(name: "nbd15", node: "/dev/nbd15", devId: DevId(major: 43, minor: 15), index: 15,
+                              connections: 3)
+        try SavedDevices(routed: [routedDevice(made, kind: "kernel NBD", backing: "/srv/a.img", size: 1 << 20)])
+            .store(to: scratch.list)
+        #expect(try SavedDevices.load(from: scratch.list).routed.map(\.made) == [made])
+        // A list written before devices had more than one connection.
+        let older = #"{"routed": [{"kind": "kernel NBD", "name": "nbd15", "node": "/dev/nbd15", "major": 43, "minor": 15, "index": 15, "backend": "b", "backing": "/srv/a.img", "sizeBytes": 1048576}], "images": []}"#
+        #expect(FileManager.default.createFile(atPath: scratch.list, contents: Data(older.utf8)))
+        #expect(try SavedDevices.load(from: scratch.list).routed.map(\.made.connections) == [1])
+        // One connection is written as none, so such a list stays as it was.
+        let one = SavedDevices.Device(kind: "kernel NBD", made: fake7, backend: "b")
+        #expect(one.connections == nil)
+    }
+
     @Test func anUnreadableListIsAnErrorNotAnEmptyList() throws {
         let scratch = Scratch()
         #expect(FileManager.default.createFile(atPath: scratch.list, contents: Data("{ not json".utf8)))
@@ -123,6 +139,18 @@ func routedDevice(_ made: MadeDevice, kind: String, backing: String, size: UInt6
         #expect(list.routed.first?.backend == maker.bound[101])
         dataPlane.stop()
         #expect(!FileManager.default.fileExists(atPath: scratch.list))
+    }
+
+    @Test func aRoutedDeviceIsReclaimedWithItsConnectionsAndKeepsThemInTheList() throws {
+        let scratch = Scratch()
+        let backing = scratch.file("a.img", size: 1 << 20)
+        var made = fake7
+        made.connections = 4
+        let saved = routedDevice(made, kind: "fake", backing: backing, size: 1 << 20)
+        let maker = FakeMaker()
+        _ = try restart(after: SavedDevices(routed: [saved]), maker, scratch)
+        #expect(maker.reclaimed.map(\.0.connections) == [4])
+        #expect(try SavedDevices.load(from: scratch.list).routed.map(\.connections) == [4])
     }
 
     @Test func aRoutedDeviceIsServedAgainUnderItsNumber() throws {

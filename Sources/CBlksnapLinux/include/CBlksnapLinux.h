@@ -55,11 +55,13 @@ int blksnap_syncfs(int fd);
 
 /* The kernel nbd driver over generic netlink (nbd_netlink.c); each returns
  * 0 or -errno (-ENOENT: the nbd module is not loaded). */
+#define BLKSNAP_NBD_MAX_SOCKETS 16
 int blksnap_nbd_available(void);
-int blksnap_nbd_connect(uint32_t index, int sockfd, uint64_t size, uint64_t block_size,
+int blksnap_nbd_connect(uint32_t index, const int *sockfds, unsigned count, uint64_t size, uint64_t block_size,
 			uint64_t server_flags, uint64_t timeout_s, uint64_t dead_timeout_s,
 			const char *backend);
-int blksnap_nbd_reconfigure(uint32_t index, int sockfd, uint64_t dead_timeout_s, const char *backend);
+int blksnap_nbd_reconfigure(uint32_t index, const int *sockfds, unsigned count, uint64_t dead_timeout_s,
+			    const char *backend);
 int blksnap_nbd_disconnect(uint32_t index);
 
 /* makedev/major/minor are macros in glibc. */
