@@ -267,7 +267,7 @@ public final class DeviceFilesystem: @unchecked Sendable {
         ops.fallocate = { req, ino, mode, off, len, _ in DeviceFilesystem.of(req).fallocate(req, ino, mode, off, len) }
         ops.readdir = { req, ino, size, off, _ in DeviceFilesystem.of(req).readdir(req, ino, size, off) }
         ops.opendir = { req, ino, fi in
-            ino == fuse_ino_t(FUSE_ROOT_ID) ? fuse_reply_open(req, fi) : fuse_reply_err(req, ENOTDIR)
+            _ = ino == fuse_ino_t(FUSE_ROOT_ID) ? fuse_reply_open(req, fi) : fuse_reply_err(req, ENOTDIR)
         }
         ops.releasedir = { req, _, _ in fuse_reply_err(req, 0) }
         return ops

@@ -32,7 +32,7 @@ public final class RollingSnapshot: @unchecked Sendable {
         var template = Array("\(directory)/blksnap-nbd-store-XXXXXX".utf8CString)
         let fd = mkstemp(&template)
         guard fd >= 0 else { throw BlksnapError(.init(rawValue: errno), "cannot create difference storage") }
-        let path = String(cString: template)
+        let path = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
         defer { unlink(path) }
         guard bytes <= UInt64(Int64.max), ftruncate(fd, off_t(bytes)) == 0 else {
             close(fd)
