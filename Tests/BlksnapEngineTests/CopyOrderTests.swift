@@ -86,7 +86,7 @@ private final class RecordingDevice: BlockDevice, @unchecked Sendable {
         let size = UInt64(Self.chunks * chunkSize)
         var settings = Rig.smallSettings
         settings.chunkMinimumShift = Self.chunkShift
-        let paths = ["/tmp/blksnap-order-\(getpid())-o", "/tmp/blksnap-order-\(getpid())-s"]
+        let paths = ["o", "s"].map { "/tmp/blksnap-order-\(getpid())-\(files)-\($0)" }
         defer { for p in paths { unlink(p) } }
         var old = [UInt8](repeating: 0, count: Int(size))
         for c in 0..<Self.chunks { old.replaceSubrange((c * chunkSize)..<((c + 1) * chunkSize), with: repeatElement(UInt8(c + 1), count: chunkSize)) }
