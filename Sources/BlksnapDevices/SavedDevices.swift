@@ -96,11 +96,20 @@ public struct SavedDevices: Codable, Equatable, Sendable {
         } catch where error.errno == .noSuchFileOrDirectory {
             return SavedDevices()
         }
+        let list: SavedDevices
         do {
-            return try JSONDecoder().decode(SavedDevices.self, from: Data(bytes))
+            list = try JSONDecoder().decode(SavedDevices.self, from: Data(bytes))
         } catch {
             throw BlksnapError(.invalidArgument, "\(path) is not a device list (\(error)); move it away to start afresh")
         }
+        // The makers hand a device's number to the kernel as a u32; a
+        // number the kernel could never have given is a damaged list, not
+        // a device to find.
+        for device in list.routed + list.images where !(0...Int(UInt32.max)).contains(device.index) {
+            throw BlksnapError(.invalidArgument,
+                               "\(path): \(device.node) has device number \(device.index), which no device can have; move the list away to start afresh")
+        }
+        return list
     }
 
     /// Replaces the list at `path`; an empty list removes the file.

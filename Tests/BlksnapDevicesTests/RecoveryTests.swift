@@ -114,6 +114,22 @@ func routedDevice(_ made: MadeDevice, kind: String, backing: String, size: UInt6
         #expect(one.connections == nil)
     }
 
+    @Test(arguments: [-1, 1 << 32, Int.max])
+    func aDeviceNumberNoDeviceCanHaveIsAnErrorNotATrap(index: Int) throws {
+        let scratch = Scratch()
+        let made = MadeDevice(name: "nbd15", node: "/dev/nbd15", devId: DevId(major: 43, minor: 15), index: index)
+        try SavedDevices(routed: [routedDevice(made, kind: "fake", backing: "/srv/a.img", size: 1 << 20)])
+            .store(to: scratch.list)
+        let error = #expect(throws: BlksnapError.self) { try SavedDevices.load(from: scratch.list) }
+        #expect(error?.errno == .invalidArgument)
+        #expect(error?.description.contains("device number \(index)") == true)
+        // blksnapd refuses to start on it rather than reaching the kernel.
+        let maker = FakeMaker()
+        let (dataPlane, engine) = plane(maker, scratch)
+        #expect(throws: BlksnapError.self) { try dataPlane.start(engine: engine) }
+        #expect(maker.reclaimed.isEmpty && maker.abandoned.isEmpty)
+    }
+
     @Test func anUnreadableListIsAnErrorNotAnEmptyList() throws {
         let scratch = Scratch()
         #expect(FileManager.default.createFile(atPath: scratch.list, contents: Data("{ not json".utf8)))
