@@ -51,6 +51,8 @@ if [ $kind = nbd ]; then
     nbd_queues() { find "/sys/block/${dev#/dev/}/mq" -mindepth 1 -maxdepth 1 | wc -l; }
     check "$dev has $queues hardware queues: $connections connections on $(nproc) CPUs" test "$(nbd_queues)" -eq $queues
     check "the saved list says $connections connections" grep -Eq "\"connections\" *: *$connections\b" "$state/devices.json"
+    check "status says $connections of $connections connections serve $dev" \
+        bash -c "'$blksnapctl' status | grep -E '^ *[0-9]+:[0-9]+ +$dev .* $connections/$connections +'"
     reconnected() { dmesg | grep -c "${dev#/dev/}: reconnected socket" || true; }
     reconnected_before=$(reconnected)
 fi
@@ -128,6 +130,11 @@ if [ $carries_on != no ]; then
     fi
     "$blksnapctl" status --json >"$scratch/status.json"
     check "status lists $dev_id as routed" grep -qF "\"$dev_id\"" "$scratch/status.json"
+    if [ $kind = nbd ]; then
+        check "status says $connections of $connections connections serve $dev again" \
+            python3 -c 'import json, sys; sys.exit(not any(d.get("connections") == sys.argv[2]
+                        for d in json.load(open(sys.argv[1]))["devices"]))' "$scratch/status.json" "$connections/$connections"
+    fi
     check "${dev#/dev/} is exported over NBD again" grep -qF "\"${dev#/dev/}\"" "$scratch/status.json"
     # Kernel NBD: requests in flight at the kill wait out the kernel's
     # request timeout (30 s), then go to the new connection. FUSE: the

@@ -12,10 +12,12 @@ public struct EngineStatus: Codable, Sendable, Equatable {
         /// Filled in by blksnapd: the node, and the name given with attach --name.
         public var node: String? = nil
         public var name: String? = nil
+        /// Kernel NBD: connections serving it of those made ("2/4").
+        public var connections: String? = nil
         public init(devId: String, sizeBytes: UInt64, backing: String, tracked: Bool, cbt: String? = nil,
-                    node: String? = nil, name: String? = nil) {
+                    node: String? = nil, name: String? = nil, connections: String? = nil) {
             (self.devId, self.sizeBytes, self.backing, self.tracked) = (devId, sizeBytes, backing, tracked)
-            (self.cbt, self.node, self.name) = (cbt, node, name)
+            (self.cbt, self.node, self.name, self.connections) = (cbt, node, name, connections)
         }
     }
     public struct TrackerInfo: Codable, Sendable, Equatable {

@@ -500,6 +500,19 @@ extension DataPlane {
         }
     }
 
+    /// Routed devices' connections where their kind has several, as
+    /// "serving/made" by major:minor text, for status: fewer serving than
+    /// made means some died and the kernel has fewer queues until a
+    /// restart hands it new ones.
+    public var connections: [String: String] {
+        let all = lock.withLock { Array(routed.values) }
+        var out: [String: String] = [:]
+        for r in all {
+            if let serving = maker.servingConnections(r.made) { out[r.devId.description] = "\(serving)/\(r.made.connections)" }
+        }
+        return out
+    }
+
     /// Name of each named routed device, by major:minor text, for status.
     public var names: [String: String] {
         lock.withLock {

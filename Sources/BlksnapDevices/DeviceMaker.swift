@@ -53,9 +53,13 @@ public protocol DeviceMaker: AnyObject, Sendable {
     /// Called once what a blksnapd that died left is reclaimed or
     /// abandoned: a maker that held requests back serves them now.
     func resume()
+    /// How many of a device's connections serve it now, where this kind
+    /// has several (kernel NBD); nil where it has no such thing.
+    func servingConnections(_ made: MadeDevice) -> Int?
 }
 
 extension DeviceMaker {
     public func resume() {}
+    public func servingConnections(_ made: MadeDevice) -> Int? { nil }
 }
 

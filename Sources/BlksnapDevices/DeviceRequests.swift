@@ -68,9 +68,11 @@ extension DeviceRequests {
     public static func describe(_ status: inout DaemonStatus, _ plane: DataPlane, _ engine: Engine?) {
         let nodes = plane.nodes
         let names = plane.names
+        let connections = plane.connections
         for i in status.devices.indices {
             status.devices[i].node = nodes[status.devices[i].devId]
             status.devices[i].name = names[status.devices[i].devId]
+            status.devices[i].connections = connections[status.devices[i].devId]
         }
         for s in status.snapshots.indices {
             for i in status.snapshots[s].images.indices {

@@ -198,6 +198,8 @@ public final class KernelNbdDevices: DeviceMaker, @unchecked Sendable {
         lock.withLock { bound[made.index]?.live.count ?? 0 }
     }
 
+    public func servingConnections(_ made: MadeDevice) -> Int? { connectionCount(made) }
+
     // MARK: after a crash
 
     public func reclaim(_ made: MadeDevice, as device: any BlockDevice, backend: String) throws(BlksnapError) {

@@ -74,9 +74,9 @@ struct Status: ParsableCommand {
                            status.declared.map { [$0.name, $0.state.rawValue, $0.link ?? $0.node ?? "-",
                                                   $0.devId.flatMap { cbtDetail[$0] } ?? $0.cbtOrigin.rawValue,
                                                   $0.backing, $0.reason ?? ""] }))
-        print(Table.render(title: "routed devices", ["DEVICE", "NODE", "NAME", "SIZE", "TRACKED", "CBT", "BACKING"],
+        print(Table.render(title: "routed devices", ["DEVICE", "NODE", "NAME", "SIZE", "TRACKED", "CBT", "CONNECTIONS", "BACKING"],
                            status.devices.map { [$0.devId, $0.node ?? "-", $0.name ?? "-", "\($0.sizeBytes)", $0.tracked ? "yes" : "no",
-                                                 $0.cbt ?? "-", $0.backing] }))
+                                                 $0.cbt ?? "-", $0.connections ?? "-", $0.backing] }))
         print(Table.render(title: "trackers", ["DEVICE", "BLOCK", "BLOCKS", "SNAP#", "GENERATION", "CBT", "SNAPSHOT"],
                            status.trackers.map { ["\($0.devId)", "\($0.blockSize)", "\($0.blockCount)", "\($0.snapNumber)",
                                                   $0.generationId, $0.cbtOrigin.rawValue, $0.snapshot ?? "-"] }))

@@ -1,4 +1,5 @@
 import BlksnapABI
+import BlksnapControlProtocol
 import BlksnapDevices
 import BlksnapEngine
 import FoundationEssentials
@@ -40,6 +41,9 @@ final class FakeMaker: DeviceMaker, @unchecked Sendable {
     /// How many devices were reclaimed and abandoned when resume came.
     private(set) var resumedAfter: [Int]?
     func resume() { resumedAfter = [reclaimed.count, abandoned.count] }
+    /// What the maker says serves each device now (nil: the kind has no connections).
+    var serving: Int?
+    func servingConnections(_ made: MadeDevice) -> Int? { serving }
 }
 
 /// A scratch directory with a state list and backing files.
@@ -167,6 +171,26 @@ func routedDevice(_ made: MadeDevice, kind: String, backing: String, size: UInt6
         _ = try restart(after: SavedDevices(routed: [saved]), maker, scratch)
         #expect(maker.reclaimed.map(\.0.connections) == [4])
         #expect(try SavedDevices.load(from: scratch.list).routed.map(\.connections) == [4])
+    }
+
+    @Test func statusSaysHowManyOfADevicesConnectionsServeIt() throws {
+        let scratch = Scratch()
+        let backing = scratch.file("a.img", size: 1 << 20)
+        var made = fake7
+        made.connections = 4
+        let maker = FakeMaker()
+        maker.serving = 3
+        let (dataPlane, engine) = try restart(after: SavedDevices(routed: [routedDevice(made, kind: "fake", backing: backing, size: 1 << 20)]),
+                                              maker, scratch)
+        var status = DaemonStatus(engine: engine.status())
+        DeviceRequests.describe(&status, dataPlane, engine)
+        #expect(status.devices.map(\.connections) == ["3/4"])
+        // A kind without connections shows none.
+        maker.serving = nil
+        status = DaemonStatus(engine: engine.status())
+        DeviceRequests.describe(&status, dataPlane, engine)
+        #expect(status.devices.map(\.connections) == [nil])
+        dataPlane.stop()
     }
 
     @Test func aRoutedDeviceIsServedAgainUnderItsNumber() throws {
