@@ -99,8 +99,16 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
         maker.resume()
     }
 
+    /// Why a device is in use (mounted, held by another device, open
+    /// exclusively), or nil; tests swap it.
+    public var inUse: @Sendable (_ devId: DevId, _ node: String) -> String? = DataPlane.whyInUse
+
     /// Removes every device it made; live-routed dm devices get their own
-    /// tables back first, so what is mounted on them carries on.
+    /// tables back first, so what is mounted on them carries on. A routed
+    /// device in use stays in the kernel where its kind can outlive
+    /// blksnapd (kernel NBD), as after a crash, so a restart (an upgrade,
+    /// `systemctl restart`) costs what is mounted on it nothing: the next
+    /// blksnapd serves it again from the saved list.
     public func stop() {
         let (all, imgs) = lock.withLock { (Array(routed.values), Array(images.values)) }
         for i in imgs { removeImageDevice(i.made, nodes: i.nodes) }
@@ -111,9 +119,24 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
                 logger.error("blksnapd: cannot give /dev/mapper/\(r.live!.name) its own table back: \(error.message); \(r.live!.restoreHint)")
             }
         }
+        var left: [DevId: Routed] = [:]
         for r in all where r.live == nil {
-            if let m = Quiesce.mountpoints(of: r.made.devId).first {
-                logger.warning("blksnapd: \(r.made.node) is still mounted on \(m); it fails from now on")
+            let why = inUse(r.made.devId, r.made.node)
+            if let why, maker.leave(r.made) {
+                // Nothing reaches the engine from it now: the CBT saved at
+                // unroute is exact, and what the kernel holds goes to the
+                // next blksnapd, which restores that CBT before serving.
+                do throws(BlksnapError) {
+                    try engine?.unroute(r.made.devId)
+                } catch {
+                    logger.error("blksnapd: \(r.made.node): \(error.message)")
+                }
+                logger.notice("blksnapd: \(r.made.node) is in use (\(why)): left routed for the next blksnapd, which serves it again; unmount it and detach it first to remove it")
+                left[r.devId] = r
+                continue
+            }
+            if let why {
+                logger.warning("blksnapd: \(r.made.node) is still in use (\(why)); it fails from now on, as \(maker.kind) devices cannot outlive blksnapd")
             }
             maker.unbind(r.made)
             maker.release(r.made)
@@ -121,11 +144,28 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
             for l in r.links { unlink(l) }
         }
         lock.withLock {
-            routed.removeAll()
+            routed = left
             images.removeAll()
             persist()
         }
         maker.stop()
+    }
+
+    /// Mounted, held by another block device (dm, md) or open exclusively:
+    /// what O_EXCL tells, since the kernel counts no other opens for us.
+    @Sendable static func whyInUse(_ devId: DevId, _ node: String) -> String? {
+        if let m = Quiesce.mountpoints(of: devId).first { return "mounted on \(m)" }
+        let holders = "/sys/dev/block/\(devId.major):\(devId.minor)/holders"
+        if let dir = opendir(holders) {
+            defer { closedir(dir) }
+            while let entry = readdir(dir) {
+                let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+                if name != "." && name != ".." { return "held by \(name)" }
+            }
+        }
+        let fd = open(node, O_RDONLY | O_EXCL | O_CLOEXEC | O_NONBLOCK)
+        if fd >= 0 { close(fd) } else if errno == EBUSY { return "open exclusively" }
+        return nil
     }
 
     // MARK: attach and detach

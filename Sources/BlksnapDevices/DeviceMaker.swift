@@ -56,10 +56,16 @@ public protocol DeviceMaker: AnyObject, Sendable {
     /// How many of a device's connections serve it now, where this kind
     /// has several (kernel NBD); nil where it has no such thing.
     func servingConnections(_ made: MadeDevice) -> Int?
+    /// At a clean stop, for a device in use: stops serving it but leaves
+    /// it in the kernel for the next blksnapd to reclaim, as a crash
+    /// would. Nothing it had read reaches the engine after this returns.
+    /// False where this kind of device cannot outlive its server.
+    func leave(_ made: MadeDevice) -> Bool
 }
 
 extension DeviceMaker {
     public func resume() {}
     public func servingConnections(_ made: MadeDevice) -> Int? { nil }
+    public func leave(_ made: MadeDevice) -> Bool { false }
 }
 

@@ -60,6 +60,8 @@ public final class KernelNbdDevices: DeviceMaker, @unchecked Sendable {
         var device: any BlockDevice
         var backend: String
         var live: Set<Int>
+        /// The server's number of each live connection, to end them.
+        var served: [Int: Int] = [:]
     }
 
     public init(server: Server, logger: Logger, driver: any NbdDriver = NetlinkNbdDriver()) {
@@ -137,9 +139,10 @@ public final class KernelNbdDevices: DeviceMaker, @unchecked Sendable {
         }
         let export = Export(name: made.name, device: device)
         for (fd, id) in zip(ourEnds, ids) {
-            server.serveKernel(connectedSocket: fd, export: export) { [weak self] in
+            let served = server.serveKernel(connectedSocket: fd, export: export) { [weak self] in
                 self?.lost(made, connection: id)
             }
+            lock.withLock { bound[made.index]?.served[id] = served }
         }
         do throws(Errno) {
             if reconfigure {
@@ -169,6 +172,7 @@ public final class KernelNbdDevices: DeviceMaker, @unchecked Sendable {
     private func lost(_ made: MadeDevice, connection: Int) {
         let b = lock.withLock { () -> Bound? in
             guard bound[made.index]?.live.remove(connection) != nil else { return nil }
+            bound[made.index]?.served[connection] = nil
             return bound[made.index]
         }
         guard let b else { return }
@@ -191,6 +195,16 @@ public final class KernelNbdDevices: DeviceMaker, @unchecked Sendable {
 
     public func release(_ made: MadeDevice) {
         _ = lock.withLock { reserved.remove(made.index) }
+    }
+
+    /// Ends the device's connections (what they read completes first) but
+    /// leaves the device configured, as a crash of blksnapd would: the
+    /// kernel holds its requests for the dead-connection timeout, and a
+    /// blksnapd started within it reclaims the device from the saved list.
+    public func leave(_ made: MadeDevice) -> Bool {
+        guard let b = lock.withLock({ bound.removeValue(forKey: made.index) }) else { return false }
+        server.end(connections: Array(b.served.values))
+        return true
     }
 
     /// The connections a device has now (0: none of ours): for status and tests.

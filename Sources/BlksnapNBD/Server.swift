@@ -33,6 +33,8 @@ public final class Server: @unchecked Sendable {
     private var clients = 0
     private var nextConnection = 0
     private var threads = 0
+    /// Connections `end(connections:)` is ending: not lost, so no onLost.
+    private var ending = Set<Int>()
     private var stopping = false
     /// Written once by `stop`, never drained: every accept thread polls it
     /// alongside its socket and sees it readable from then on.
@@ -217,14 +219,18 @@ public final class Server: @unchecked Sendable {
     /// the handshake and speaks simple replies, so `export` is fixed here.
     /// `onLost` runs when the connection ends while the server still runs:
     /// the kernel shut its end (a request outlived its timeout, or the
-    /// device was disconnected).
-    public func serveKernel(connectedSocket fd: Int32, export: Export, onLost: (@Sendable () -> Void)? = nil) {
+    /// device was disconnected). Returns the connection's number for
+    /// `end(connections:)`; nil once the server is stopping.
+    @discardableResult
+    public func serveKernel(connectedSocket fd: Int32, export: Export, onLost: (@Sendable () -> Void)? = nil) -> Int? {
         serve(fd, preNegotiated: Negotiated(export: export, structuredReplies: false, metaContexts: [],
                                            transmissionFlags: export.transmissionFlags(structuredReplies: false)),
               onLost: onLost)
     }
 
-    private func serve(_ fd: Int32, preNegotiated: Negotiated?, client: Bool = false, onLost: (@Sendable () -> Void)? = nil) {
+    @discardableResult
+    private func serve(_ fd: Int32, preNegotiated: Negotiated?, client: Bool = false,
+                       onLost: (@Sendable () -> Void)? = nil) -> Int? {
         let stream = SocketStream(fd: fd)
         let id: Int? = lock.withLock {
             guard !stopping, !client || clients < limits.maxConnections else { return nil }
@@ -239,7 +245,7 @@ public final class Server: @unchecked Sendable {
                 logger.warning("nbd-server: \(limits.maxConnections) clients are connected; refusing one more")
             }
             stream.close()
-            return
+            return nil
         }
         startThread { [self] in
             Connection(id: id, stream: stream, exports: exports, limits: limits, logger: logger)
@@ -248,10 +254,28 @@ public final class Server: @unchecked Sendable {
             let stopped = lock.withLock {
                 connections[id] = nil
                 if client { clients -= 1 }
-                return stopping
+                return stopping || ending.remove(id) != nil
             }
             if !stopped { onLost?() }
             threadDone()
+        }
+        return id
+    }
+
+    /// Ends the connections `ids` (numbers serveKernel gave) and returns
+    /// once their threads are gone, so nothing they read reaches a device
+    /// after this; their replies are dropped and their `onLost` does not
+    /// run. The kernel sees its sockets close, as after a crash of
+    /// blksnapd, and sends those requests again on the next connection.
+    public func end(connections ids: [Int]) {
+        let streams = lock.withLock { () -> [SocketStream] in
+            let open = ids.filter { connections[$0] != nil }
+            ending.formUnion(open)
+            return open.compactMap { connections[$0] }
+        }
+        for s in streams { s.shutdown() }
+        lock.withLock {
+            while ids.contains(where: { connections[$0] != nil }) { threadsGone.wait(lock) }
         }
     }
 

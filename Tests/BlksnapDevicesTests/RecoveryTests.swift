@@ -44,6 +44,13 @@ final class FakeMaker: DeviceMaker, @unchecked Sendable {
     /// What the maker says serves each device now (nil: the kind has no connections).
     var serving: Int?
     func servingConnections(_ made: MadeDevice) -> Int? { serving }
+    /// Devices left in the kernel at a stop (only where `reclaims`).
+    private(set) var left: [MadeDevice] = []
+    func leave(_ made: MadeDevice) -> Bool {
+        guard reclaims else { return false }
+        left.append(made)
+        return true
+    }
 }
 
 /// A scratch directory with a state list and backing files.
@@ -191,6 +198,35 @@ func routedDevice(_ made: MadeDevice, kind: String, backing: String, size: UInt6
         DeviceRequests.describe(&status, dataPlane, engine)
         #expect(status.devices.map(\.connections) == [nil])
         dataPlane.stop()
+    }
+
+    @Test(arguments: [true, false])
+    func aCleanStopLeavesADeviceInUseToTheNextBlksnapdWhereItsKindCan(reclaims: Bool) throws {
+        let scratch = Scratch()
+        let maker = FakeMaker(reclaims: reclaims)
+        let (dataPlane, engine) = plane(maker, scratch)
+        try dataPlane.start(engine: engine)
+        let busy = try dataPlane.attach(backing: scratch.file("busy.img", size: 1 << 20))
+        let idle = try dataPlane.attach(backing: scratch.file("idle.img", size: 1 << 20))
+        dataPlane.inUse = { devId, _ in devId.description == busy.devId ? "mounted on /mnt" : nil }
+        dataPlane.stop()
+        // The engine lets go of both (saving their CBT); only a device in
+        // use on a kind that outlives blksnapd stays bound, and listed for
+        // the next blksnapd.
+        #expect(engine.routedDevices.isEmpty)
+        #expect(maker.left.map(\.node) == (reclaims ? [busy.node] : []))
+        #expect(maker.bound.count == (reclaims ? 1 : 0))
+        let list = try SavedDevices.load(from: scratch.list)
+        #expect(list.routed.map(\.node) == (reclaims ? [busy.node] : []))
+        #expect(!list.routed.contains { $0.node == idle.node })
+        if reclaims {
+            // The next blksnapd serves it again under its number.
+            let next = FakeMaker()
+            let (plane2, engine2) = try restart(after: list, next, scratch)
+            #expect(next.reclaimed.map(\.0.node) == [busy.node])
+            #expect(engine2.routedDevices.map(\.devId.description) == [busy.devId])
+            plane2.stop()
+        }
     }
 
     @Test func aRoutedDeviceIsServedAgainUnderItsNumber() throws {

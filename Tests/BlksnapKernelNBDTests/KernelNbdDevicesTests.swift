@@ -212,6 +212,31 @@ func fixture(configured: [Int: String] = [:]) throws -> (Server, FakeNbdDriver, 
         #expect(maker.connectionCount(made) == 0)
     }
 
+    @Test func aDeviceLeftToTheNextBlksnapdStaysConfiguredAndIsServedNoMore() throws {
+        let (server, driver, maker) = try fixture()
+        defer { server.stop() }
+        let made = nbd(9, connections: 2)
+        let device = VolatileDevice()
+        try maker.bind(made, to: device, backend: "b")
+        let sockets = driver.socketsOf(9)
+        #expect(exchange(sockets[0], .write, handle: 1, offset: 0, payload: [1]) == 0)
+        #expect(maker.leave(made))
+        // Its connection threads are gone when leave returns, not reported
+        // lost (no reconnect), and the device was not disconnected.
+        #expect(server.connectionCount == 0)
+        #expect(driver.calls == [.connect(index: 9, sockets: 2, flags: driver.flags(0))])
+        #expect(maker.connectionCount(made) == 0)
+        // The kernel's ends see the connection end; a request sent now
+        // reaches nothing: it waits for the next blksnapd.
+        for fd in sockets {
+            #expect(exchange(fd, .write, handle: 2, offset: 4096, payload: [2]) == nil)
+        }
+        try device.flush()
+        #expect(device.durableOffsets == [0])
+        // Only a bound device can be left.
+        #expect(!maker.leave(made))
+    }
+
     @Test func aReclaimedDeviceGetsAsManySocketsAsItWasMadeWith() throws {
         let (server, driver, maker) = try fixture(configured: [9: "b"])
         defer { server.stop() }
