@@ -22,8 +22,42 @@ public final class DeviceFilesystem: @unchecked Sendable {
         let name: String
         let device: any BlockDevice
         let readOnly: Bool
+        let gate = RequestGate()
         init(ino: fuse_ino_t, generation: UInt64, name: String, device: any BlockDevice, readOnly: Bool) {
             (self.ino, self.generation, self.name, self.device, self.readOnly) = (ino, generation, name, device, readOnly)
+        }
+    }
+
+    /// The requests of one file that reach its device: counted while they
+    /// run, and from `hold` on left unanswered.
+    final class RequestGate: @unchecked Sendable {
+        private let lock = Lock()
+        private let idle = Condition()
+        private var running = 0
+        private var held = false
+
+        /// False once held: the request must stay unanswered.
+        func enter() -> Bool {
+            lock.withLock {
+                guard !held else { return false }
+                running += 1
+                return true
+            }
+        }
+
+        func leave() {
+            lock.withLock {
+                running -= 1
+                if running == 0 { idle.broadcast() }
+            }
+        }
+
+        /// Returns once the requests already running are answered.
+        func hold() {
+            lock.withLock {
+                held = true
+                while running > 0 { idle.wait(lock) }
+            }
         }
     }
 
@@ -92,6 +126,33 @@ public final class DeviceFilesystem: @unchecked Sendable {
         guard let ino, let se else { return }
         _ = name.withCString { fuse_lowlevel_notify_inval_entry(se, fuse_ino_t(FUSE_ROOT_ID), $0, strlen($0)) }
         _ = fuse_lowlevel_notify_inval_inode(se, ino, -1, 0)
+    }
+
+    /// Leaves the requests of file `name` unanswered from now on, and
+    /// returns once those already running are answered: nothing more of
+    /// it reaches its device. The kernel keeps the unanswered ones, and a
+    /// blksnapd that takes the connection over has them sent again
+    /// (FUSE_NOTIFY_RESEND), as after a crash. False: no such file.
+    public func hold(name: String) -> Bool {
+        guard let e = entry(named: name) else { return false }
+        e.gate.hold()
+        return true
+    }
+
+    /// A serving thread with a request that must stay unanswered: it stays
+    /// here until the process ends, which leaves the request to the kernel
+    /// as a crash would.
+    private static func park() -> Never {
+        while true { _ = sleep(UInt32.max) }
+    }
+
+    /// The device of `ino` for a request that reaches it, counted in its
+    /// gate until `body` returns; a held file's request never returns.
+    private func withDevice(_ req: fuse_req_t?, _ ino: fuse_ino_t, missing: Int32, _ body: (Entry) -> Void) {
+        guard let e = entry(ino) else { fuse_reply_err(req, missing); return }
+        guard e.gate.enter() else { Self.park() }
+        defer { e.gate.leave() }
+        body(e)
     }
 
     func entry(_ ino: fuse_ino_t) -> Entry? { lock.withLock { entries[ino] } }
@@ -194,7 +255,7 @@ public final class DeviceFilesystem: @unchecked Sendable {
             session = se
             adopted = true
         }
-        logger.notice("blksnapd: took over the device filesystem at \(mountpoint) from a blksnapd that died; the kernel sends again what it had read and not answered")
+        logger.notice("blksnapd: took over the device filesystem at \(mountpoint) from the blksnapd before this one (it died, or stopped with devices in use); the kernel sends again what it had read and not answered")
     }
 
     /// Serves the session on several threads in the background. All read
@@ -372,7 +433,10 @@ public final class DeviceFilesystem: @unchecked Sendable {
     /// A file no longer served (the image of a snapshot that died with a
     /// blksnapd before this one) fails with EIO, as a dead disk does.
     private func read(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _ off: off_t) {
-        guard let e = entry(ino) else { fuse_reply_err(req, EIO); return }
+        withDevice(req, ino, missing: EIO) { e in read(req, e, size, off) }
+    }
+
+    private func read(_ req: fuse_req_t?, _ e: Entry, _ size: Int, _ off: off_t) {
         let offset = UInt64(off)
         guard offset < e.device.size else { fuse_reply_buf(req, nil, 0); return }
         let count = Int(min(UInt64(size), e.device.size - offset))
@@ -433,7 +497,10 @@ public final class DeviceFilesystem: @unchecked Sendable {
     }
 
     private func write(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ buf: UnsafePointer<CChar>, _ size: Int, _ off: off_t) {
-        guard let e = entry(ino) else { fuse_reply_err(req, EIO); return }
+        withDevice(req, ino, missing: EIO) { e in write(req, e, buf, size, off) }
+    }
+
+    private func write(_ req: fuse_req_t?, _ e: Entry, _ buf: UnsafePointer<CChar>, _ size: Int, _ off: off_t) {
         guard !e.readOnly else { fuse_reply_err(req, EROFS); return }
         let offset = UInt64(off)
         guard offset <= e.device.size, UInt64(size) <= e.device.size - offset else {
@@ -449,19 +516,23 @@ public final class DeviceFilesystem: @unchecked Sendable {
     }
 
     private func fsync(_ req: fuse_req_t?, _ ino: fuse_ino_t) {
-        guard let e = entry(ino) else { fuse_reply_err(req, EIO); return }
-        do throws(BlksnapError) {
-            try e.device.flush()
-            fuse_reply_err(req, 0)
-        } catch {
-            reply(req, error)
+        withDevice(req, ino, missing: EIO) { e in
+            do throws(BlksnapError) {
+                try e.device.flush()
+                fuse_reply_err(req, 0)
+            } catch {
+                reply(req, error)
+            }
         }
     }
 
     /// The loop driver turns discards into hole punches and zeroing into
     /// zero-range requests; both change what the device reads back.
     private func fallocate(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ mode: Int32, _ off: off_t, _ len: off_t) {
-        guard let e = entry(ino) else { fuse_reply_err(req, ENOENT); return }
+        withDevice(req, ino, missing: ENOENT) { e in fallocate(req, e, mode, off, len) }
+    }
+
+    private func fallocate(_ req: fuse_req_t?, _ e: Entry, _ mode: Int32, _ off: off_t, _ len: off_t) {
         guard !e.readOnly else { fuse_reply_err(req, EROFS); return }
         let punch: Int32 = 0x02, zeroRange: Int32 = 0x10, keepSize: Int32 = 0x01
         let offset = UInt64(off), length = UInt64(len)

@@ -29,6 +29,10 @@ public final class FuseLoopDevices: DeviceMaker, @unchecked Sendable {
     private var adopted = false
     /// Dead devices to unbind once the filesystem serves again.
     private var unbindAfterResume: [Int] = []
+    /// The store holds the connection (kept at start, or taken over).
+    private var kept = false
+    /// Devices left to the next blksnapd at a clean stop.
+    private var left = Set<Int>()
 
     let logger: Logger
 
@@ -69,6 +73,7 @@ public final class FuseLoopDevices: DeviceMaker, @unchecked Sendable {
         }
         do throws(BlksnapError) {
             try store.hold(connection.name, fd: connection.fd)
+            lock.withLock { kept = true }
             logger.info("blksnapd: \(store.kind) keeps the device filesystem's FUSE connection, so a crash of blksnapd fails no request")
         } catch {
             logger.warning("blksnapd: \(error); a crash of blksnapd will fail its devices")
@@ -96,7 +101,7 @@ public final class FuseLoopDevices: DeviceMaker, @unchecked Sendable {
                 close(kept.fd)
             }
         }
-        lock.withLock { adopted = took }
+        lock.withLock { (adopted, kept) = (took, took) }
         return took
     }
 
@@ -110,7 +115,27 @@ public final class FuseLoopDevices: DeviceMaker, @unchecked Sendable {
         }
     }
 
+    /// Only where the store keeps the connection and the kernel can send
+    /// again what was read and left unanswered (FUSE_NOTIFY_RESEND,
+    /// protocol 7.40, Linux 6.9): the next blksnapd takes the connection
+    /// over as after a crash.
+    public func leave(_ made: MadeDevice) -> Bool {
+        guard lock.withLock({ kept }), let name = filesystem.connection?.name,
+              let initial = FuseInit(name: name), initial.minor >= 40,
+              let file = lock.withLock({ files[made.index] }), filesystem.hold(name: file) else { return false }
+        lock.withLock { _ = left.insert(made.index) }
+        return true
+    }
+
     public func stop() {
+        if !lock.withLock({ left.isEmpty }) {
+            // As a crash would: the store keeps the connection, and the
+            // mount, the loop devices left and their held requests stay
+            // for the blksnapd that takes it over.
+            store.close()
+            logger.notice("blksnapd: \(store.kind) keeps the device filesystem's FUSE connection for the next blksnapd")
+            return
+        }
         // The kept duplicate goes first, so that the unmount ends the connection.
         if let name = filesystem.connection?.name { store.drop(name) }
         filesystem.stop()
