@@ -68,7 +68,13 @@ start_blksnapd() {
     # the machine's /etc/blksnap and /var/lib/blksnap.
     "$blksnapd" --state-dir "$state" --config-dir "$scratch/etc" --cbt-dir "$scratch/cbt" "$@" 2>>"$scratch/blksnapd.log" &
     blksnapd_pid=$!
-    cleanup_fn "stop_blksnapd $blksnapd_pid"
+    # Queued once, for whichever blksnapd runs last: a restarted one must
+    # still stop after what was mounted since the first start is
+    # unmounted, since a clean stop leaves a device in use to the next
+    # blksnapd and an unmount after it would wait for one.
+    _blksnapd_pids+=("$blksnapd_pid")
+    [ -n "${_stop_queued:-}" ] || cleanup_fn 'for _p in "${_blksnapd_pids[@]}"; do stop_blksnapd "$_p"; done'
+    _stop_queued=1
     for _ in $(seq 100); do [ -S "$BLKSNAP_CONTROL_SOCKET" ] && return 0; sleep 0.1; done
     echo "$0: blksnapd did not start:" >&2; cat "$scratch/blksnapd.log" >&2; exit 1
 }

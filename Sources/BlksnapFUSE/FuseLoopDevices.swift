@@ -133,7 +133,7 @@ public final class FuseLoopDevices: DeviceMaker, @unchecked Sendable {
             // mount, the loop devices left and their held requests stay
             // for the blksnapd that takes it over.
             store.close()
-            logger.notice("blksnapd: \(store.kind) keeps the device filesystem's FUSE connection for the next blksnapd")
+            logger.notice("blksnapd: \(store.kind) keeps the device filesystem's FUSE connection for the next blksnapd; the requests of the devices left wait for it with no timeout, as after a crash: start blksnapd again (to fail them instead, end the keeper process, or stop the unit so that systemd closes its store)")
             return
         }
         // The kept duplicate goes first, so that the unmount ends the connection.
