@@ -1,4 +1,5 @@
 import BlksnapEngine
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -62,12 +63,16 @@ final class SocketStream: ByteStream, @unchecked Sendable {
     private var closed = false
     /// The reader thread's alone.
     private var readAhead = ReadAhead()
+    /// Set by `shutdown`: requests read ahead are then not handed out, as
+    /// none would be read from a shut socket.
+    private let isShut = Atomic<Bool>(false)
 
     init(fd: Int32) { self.fd = fd }
 
     var descriptor: Int32? { fd }
 
     func receive(into buffer: UnsafeMutableRawBufferPointer) -> Bool {
+        guard !isShut.load(ordering: .relaxed) else { return false }
         let fd = self.fd
         return readAhead.receive(into: buffer) { memory, count, wait in
             while true {
@@ -110,6 +115,7 @@ final class SocketStream: ByteStream, @unchecked Sendable {
     /// Safe from any thread until `close`, never after: the descriptor
     /// number may belong to someone else by then.
     func shutdown() {
+        isShut.store(true, ordering: .relaxed)
         lock.withLock {
             if !closed { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
         }

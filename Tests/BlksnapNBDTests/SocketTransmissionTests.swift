@@ -254,6 +254,24 @@ func overSocketpair(_ script: [UInt8], export: Export, kernel: Bool) throws -> [
     }
 }
 
+/// A connection being ended (a clean stop hands its device to the next
+/// blksnapd) must not go on serving requests it had read ahead: the
+/// kernel sends those again on the next connection.
+@Suite struct SocketStreamTests {
+    @Test func nothingReadAheadIsHandedOutAfterShutdown() throws {
+        var fds: [Int32] = [-1, -1]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0)
+        defer { close(fds[0]) }
+        let stream = SocketStream(fd: fds[1])
+        defer { stream.close() }
+        let two = pattern(56, seed: 17)
+        #expect(two.withUnsafeBytes { send(fds[0], $0.baseAddress!, $0.count, 0) } == 56)
+        #expect(stream.receive(count: 28) == Array(two[..<28]))
+        stream.shutdown()
+        #expect(stream.receive(count: 28) == nil)
+    }
+}
+
 extension ClientScript {
     /// A script of requests alone, as the kernel's driver sends them
     /// (no client flags, no options).
