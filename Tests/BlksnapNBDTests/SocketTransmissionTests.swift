@@ -139,6 +139,22 @@ func overSocketpair(_ script: [UInt8], export: Export, kernel: Bool) throws -> [
         return byHandle
     }
 
+    /// Serves `device` as the kernel is served and expects every read of
+    /// `reads` to succeed with its range of `bytes`.
+    func expectReads(of device: any BlockDevice, toReturn bytes: [UInt8]) throws {
+        let output = try overSocketpair(script(kernel: true).bytes, export: Export(name: "disk", device: device),
+                                        kernel: true)
+        let byHandle = replies(output, kernel: true)
+        for r in Self.reads {
+            guard case .simple(_, let error, let data)? = byHandle[r.handle] else {
+                Issue.record("read \(r.handle) unanswered")
+                continue
+            }
+            let same = data == Array(bytes[Int(r.offset)..<(Int(r.offset) + r.length)])
+            #expect(error == 0 && same, "read \(r.handle)")
+        }
+    }
+
     /// The routed device's long reads go from its backing file straight to
     /// the socket (its `read` fails, so nothing else could answer them)
     /// with the file's bytes, header and data in step, among requests that
@@ -181,17 +197,7 @@ func overSocketpair(_ script: [UInt8], export: Export, kernel: Bool) throws -> [
         let device = try StaleFileDevice(size: 2 << 20, stalePath: stale.path)
         let fresh = pattern(2 << 20, seed: 13)
         try fresh.withUnsafeBytes { try device.write($0, at: 0) }
-        let output = try overSocketpair(script(kernel: true).bytes, export: Export(name: "disk", device: device),
-                                        kernel: true)
-        let byHandle = replies(output, kernel: true)
-        for r in Self.reads {
-            guard case .simple(_, let error, let data)? = byHandle[r.handle] else {
-                Issue.record("read \(r.handle) unanswered")
-                continue
-            }
-            let same = data == Array(fresh[Int(r.offset)..<(Int(r.offset) + r.length)])
-            #expect(error == 0 && same, "read \(r.handle)")
-        }
+        try expectReads(of: device, toReturn: fresh)
     }
 
     /// A snapshot image over a routed file, the original overwritten after
@@ -210,17 +216,7 @@ func overSocketpair(_ script: [UInt8], export: Export, kernel: Bool) throws -> [
         try engine.takeSnapshot(id)
         try [UInt8](repeating: 0xEE, count: 2 << 20).withUnsafeBytes { try routed.write($0, at: 0) }
         let image = try #require(engine.images(of: id).first)
-        let output = try overSocketpair(script(kernel: true).bytes, export: Export(name: "disk", device: image),
-                                        kernel: true)
-        let byHandle = replies(output, kernel: true)
-        for r in Self.reads {
-            guard case .simple(_, let error, let data)? = byHandle[r.handle] else {
-                Issue.record("read \(r.handle) unanswered")
-                continue
-            }
-            let same = data == Array(file.bytes[Int(r.offset)..<(Int(r.offset) + r.length)])
-            #expect(error == 0 && same, "read \(r.handle)")
-        }
+        try expectReads(of: image, toReturn: file.bytes)
     }
 
     /// Writes and reads mixed in one write of the client, a write's payload
