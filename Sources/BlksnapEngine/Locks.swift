@@ -61,6 +61,10 @@ public final class Condition: @unchecked Sendable {
     }
 
     public func broadcast() { pthread_cond_broadcast(cond) }
+
+    /// Wakes one waiter: where any waiter can take the work, waking all of
+    /// them per item only has the others race for the lock and sleep again.
+    public func signal() { pthread_cond_signal(cond) }
 }
 
 /// A reader-writer lock that prefers writers: I/O to a device takes it

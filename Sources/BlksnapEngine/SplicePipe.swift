@@ -9,8 +9,8 @@ import Glibc
 /// of the source go into the pipe by reference and out to the target,
 /// where an O_DIRECT target has the device read them from there. A copy
 /// on write stores a chunk this way with no copy of its bytes through a
-/// buffer of ours.
-enum SplicePipe {
+/// buffer of ours, and the NBD server sends a routed device's reads so.
+public enum SplicePipe {
     /// The pipe's read end, write end and capacity; closed when its thread ends.
     private static let key: pthread_key_t = {
         var key = pthread_key_t()
@@ -23,7 +23,10 @@ enum SplicePipe {
         return key
     }()
 
-    private static let size: Int32 = 1 << 20
+    /// Room for a 1 MiB read and the reply header before it (a pipe holds
+    /// whole pages: 256 of data plus one for the header and one for an
+    /// unaligned start). Only 1 MiB where the system refuses more.
+    private static let size: Int32 = 2 << 20
 
     private static func current() -> UnsafeMutablePointer<Int32>? {
         if let kept = pthread_getspecific(key) { return kept.assumingMemoryBound(to: Int32.self) }
@@ -82,5 +85,76 @@ enum SplicePipe {
             left -= n
         }
         return true
+    }
+
+    /// Whether the calling thread's pipe has room for `count` bytes of a
+    /// file at `offset`, and for a prefix before them: each pipe slot
+    /// holds at most one page, and a splice into a full pipe would wait
+    /// for a reader that is this very thread.
+    public static func room(for count: Int, at offset: UInt64) -> (data: Bool, prefix: Bool) {
+        guard let fds = current() else { return (false, false) }
+        let pages = (Int(offset % 4096) + count + 4095) / 4096
+        return (pages * 4096 <= Int(fds[2]), (pages + 1) * 4096 <= Int(fds[2]))
+    }
+
+    /// Puts `prefix` (where there is room for it: see `room`; else the
+    /// caller sends it itself first), then `count` bytes of `source` at
+    /// `offset`, into the calling thread's pipe, ready for `drain` on the
+    /// same thread: the file's page-cache pages go in by reference. A read
+    /// error of the source shows here, before anything reached the target,
+    /// so the caller can still answer with it. Returns the bytes in the
+    /// pipe, or nil, the pipe left empty, where it cannot take them or the
+    /// source cannot be spliced or ends early: the caller then reads the
+    /// bytes itself.
+    public static func load(prefix: UnsafeRawBufferPointer, from source: Int32, at offset: UInt64,
+                            count: Int) -> Int? {
+        let room = room(for: count, at: offset)
+        guard room.data, let fds = current() else { return nil }
+        let inPipe = room.prefix ? prefix.count : 0
+        if inPipe > 0 {
+            var n: Int
+            repeat { n = write(fds[1], prefix.baseAddress!, prefix.count) } while n < 0 && errno == EINTR
+            guard n == prefix.count else {
+                dropCurrent(fds)
+                return nil
+            }
+        }
+        var from = Int64(offset)
+        var left = count
+        while left > 0 {
+            let n = blksnap_splice(source, &from, fds[1], nil, left)
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else {
+                dropCurrent(fds)
+                return nil
+            }
+            left -= n
+        }
+        return inPipe + count
+    }
+
+    /// Sends the `count` bytes `load` put in the calling thread's pipe to
+    /// `target`, in order and whole. False if the target failed (a peer
+    /// gone: EPIPE, and SIGPIPE unless the thread blocks it, since splice
+    /// has no MSG_NOSIGNAL); the pipe is then dropped with what was left.
+    public static func drain(_ count: Int, to target: Int32) -> Bool {
+        guard let fds = current() else { return false }
+        var left = count
+        while left > 0 {
+            let n = blksnap_splice(fds[0], nil, target, nil, left)
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else {
+                dropCurrent(fds)
+                return false
+            }
+            left -= n
+        }
+        return true
+    }
+
+    /// Empties the calling thread's pipe of what `load` put there, when it
+    /// is not to be sent after all.
+    public static func discard() {
+        if let kept = pthread_getspecific(key) { dropCurrent(kept.assumingMemoryBound(to: Int32.self)) }
     }
 }

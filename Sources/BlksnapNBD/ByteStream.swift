@@ -1,4 +1,5 @@
 import BlksnapEngine
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -17,9 +18,14 @@ protocol ByteStream: AnyObject, Sendable {
     func send(_ parts: [UnsafeRawBufferPointer]) -> Bool
     /// Ends both directions, waking a thread blocked in `receive`.
     func shutdown()
+    /// The socket, for data the kernel moves to it itself (splice), or
+    /// nil where the stream is no descriptor.
+    var descriptor: Int32? { get }
 }
 
 extension ByteStream {
+    var descriptor: Int32? { nil }
+
     func receive(count: Int) -> [UInt8]? {
         var bytes = [UInt8](repeating: 0, count: count)
         let ok = bytes.withUnsafeMutableBytes { receive(into: $0) }
@@ -49,23 +55,32 @@ extension ByteStream {
 }
 
 /// A connected stream socket with blocking calls: one reader thread
-/// receives, workers send under the connection's write lock.
+/// receives (through `ReadAhead`), workers send under the connection's
+/// write lock.
 final class SocketStream: ByteStream, @unchecked Sendable {
     let fd: Int32
     private let lock = Lock()
     private var closed = false
+    /// The reader thread's alone.
+    private var readAhead = ReadAhead()
+    /// Set by `shutdown`: requests read ahead are then not handed out, as
+    /// none would be read from a shut socket.
+    private let isShut = Atomic<Bool>(false)
 
     init(fd: Int32) { self.fd = fd }
 
+    var descriptor: Int32? { fd }
+
     func receive(into buffer: UnsafeMutableRawBufferPointer) -> Bool {
-        var done = 0
-        while done < buffer.count {
-            let n = recv(fd, buffer.baseAddress! + done, buffer.count - done, Int32(MSG_WAITALL))
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { return false }
-            done += n
+        guard !isShut.load(ordering: .relaxed) else { return false }
+        let fd = self.fd
+        return readAhead.receive(into: buffer) { memory, count, wait in
+            while true {
+                let n = recv(fd, memory, count, wait ? Int32(MSG_WAITALL) : 0)
+                if n < 0 && errno == EINTR { continue }
+                return n
+            }
         }
-        return true
     }
 
     func send(_ parts: [UnsafeRawBufferPointer]) -> Bool {
@@ -100,6 +115,7 @@ final class SocketStream: ByteStream, @unchecked Sendable {
     /// Safe from any thread until `close`, never after: the descriptor
     /// number may belong to someone else by then.
     func shutdown() {
+        isShut.store(true, ordering: .relaxed)
         lock.withLock {
             if !closed { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
         }

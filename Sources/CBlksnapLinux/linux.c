@@ -21,7 +21,10 @@ int blksnap_pipe(int fds[2], int size, int *capacity)
 {
 	if (pipe2(fds, O_CLOEXEC) != 0)
 		return -1;
-	fcntl(fds[1], F_SETPIPE_SZ, size);
+	/* Past /proc/sys/fs/pipe-max-size only with CAP_SYS_RESOURCE: then at
+	 * least that much rather than the 64 KiB a pipe starts with. */
+	if (fcntl(fds[1], F_SETPIPE_SZ, size) < 0)
+		fcntl(fds[1], F_SETPIPE_SZ, 1 << 20);
 	*capacity = fcntl(fds[1], F_GETPIPE_SZ);
 	if (*capacity <= 0)
 		*capacity = 65536;
