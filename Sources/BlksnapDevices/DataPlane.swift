@@ -155,13 +155,8 @@ public final class DataPlane: SnapshotHooks, @unchecked Sendable {
     /// what O_EXCL tells, since the kernel counts no other opens for us.
     @Sendable static func whyInUse(_ devId: DevId, _ node: String) -> String? {
         if let m = Quiesce.mountpoints(of: devId).first { return "mounted on \(m)" }
-        let holders = "/sys/dev/block/\(devId.major):\(devId.minor)/holders"
-        if let dir = opendir(holders) {
-            defer { closedir(dir) }
-            while let entry = readdir(dir) {
-                let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-                if name != "." && name != ".." { return "held by \(name)" }
-            }
+        if let holder = (try? directoryEntries("/sys/dev/block/\(devId.major):\(devId.minor)/holders"))?.first {
+            return "held by \(holder)"
         }
         let fd = open(node, O_RDONLY | O_EXCL | O_CLOEXEC | O_NONBLOCK)
         if fd >= 0 { close(fd) } else if errno == EBUSY { return "open exclusively" }

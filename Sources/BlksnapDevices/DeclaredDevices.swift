@@ -83,17 +83,15 @@ public struct DeclaredDevices: Equatable, Sendable {
     }
 
     static func configFiles(_ directory: String) throws(BlksnapError) -> [String] {
-        guard let dir = opendir(directory) else {
-            if errno == ENOENT { return [] }
-            throw BlksnapError(Errno(rawValue: errno), "cannot read the configuration directory \(directory)")
+        let names: [String]
+        do {
+            names = try directoryEntries(directory)
+        } catch where error.errno == .noSuchFileOrDirectory {
+            return []
+        } catch {
+            throw BlksnapError(error.errno, "cannot read the configuration directory \(directory)")
         }
-        defer { closedir(dir) }
-        var names: [String] = []
-        while let entry = readdir(dir) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            if name.hasSuffix(".conf"), !name.hasPrefix(".") { names.append(name) }
-        }
-        return names.sorted().map { directory + "/" + $0 }
+        return names.filter { $0.hasSuffix(".conf") && !$0.hasPrefix(".") }.sorted().map { directory + "/" + $0 }
     }
 
     /// The declarations of one file; the first broken line is an error

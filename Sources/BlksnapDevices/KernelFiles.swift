@@ -31,15 +31,21 @@ public func readAttribute(_ path: String) -> String? {
     return String(decoding: bytes.prefix { $0 != 0x0a }, as: UTF8.self)
 }
 
+/// The names in a directory, "." and ".." left out, in no order.
+func directoryEntries(_ path: String) throws(BlksnapError) -> [String] {
+    guard let dir = opendir(path) else { throw BlksnapError(Errno(rawValue: errno), "cannot read \(path)") }
+    defer { closedir(dir) }
+    var names: [String] = []
+    while let entry = readdir(dir) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        if name != "." && name != ".." { names.append(name) }
+    }
+    return names
+}
+
 /// The indices N of the kernel's block devices named `prefix`N (loop,
 /// nbd), from /sys/block, in order.
 public func blockDeviceIndices(named prefix: String) -> [Int] {
-    guard let dir = opendir("/sys/block") else { return [] }
-    defer { closedir(dir) }
-    var found: [Int] = []
-    while let entry = readdir(dir) {
-        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-        if name.hasPrefix(prefix), let i = Int(name.dropFirst(prefix.count)) { found.append(i) }
-    }
-    return found.sorted()
+    let names = (try? directoryEntries("/sys/block")) ?? []
+    return names.compactMap { $0.hasPrefix(prefix) ? Int($0.dropFirst(prefix.count)) : nil }.sorted()
 }
