@@ -59,9 +59,9 @@ public final class KernelNbdDevices: DeviceMaker, @unchecked Sendable {
     private struct Bound {
         var device: any BlockDevice
         var backend: String
-        var live: Set<Int>
-        /// The server's number of each live connection, to end them.
-        var served: [Int: Int] = [:]
+        /// Each live connection, with the server's number for it (to end
+        /// it), nil until the server took it.
+        var live: [Int: Int?]
     }
 
     public init(server: Server, logger: Logger, driver: any NbdDriver = NetlinkNbdDriver()) {
@@ -134,7 +134,7 @@ public final class KernelNbdDevices: DeviceMaker, @unchecked Sendable {
                 lastConnection += 1
                 return lastConnection
             }
-            bound[made.index, default: Bound(device: device, backend: backend, live: [])].live.formUnion(ids)
+            for id in ids { bound[made.index, default: Bound(device: device, backend: backend, live: [:])].live[id] = .some(nil) }
             return ids
         }
         let export = Export(name: made.name, device: device)
@@ -142,7 +142,7 @@ public final class KernelNbdDevices: DeviceMaker, @unchecked Sendable {
             let served = server.serveKernel(connectedSocket: fd, export: export) { [weak self] in
                 self?.lost(made, connection: id)
             }
-            lock.withLock { bound[made.index]?.served[id] = served }
+            lock.withLock { if bound[made.index]?.live[id] != nil { bound[made.index]?.live[id] = served } }
         }
         do throws(Errno) {
             if reconfigure {
@@ -157,7 +157,7 @@ public final class KernelNbdDevices: DeviceMaker, @unchecked Sendable {
             // Forgotten before the kernel ends close: their end of stream
             // must not look like a connection to replace.
             lock.withLock {
-                bound[made.index]?.live.subtract(ids)
+                for id in ids { bound[made.index]?.live[id] = nil }
                 if bound[made.index]?.live.isEmpty == true { bound[made.index] = nil }
             }
             throw BlksnapError(error, "cannot \(reconfigure ? "reconnect" : "connect") \(made.node) to blksnapd")
@@ -171,8 +171,7 @@ public final class KernelNbdDevices: DeviceMaker, @unchecked Sendable {
     /// more would be dropped by the kernel and come back here.
     private func lost(_ made: MadeDevice, connection: Int) {
         let b = lock.withLock { () -> Bound? in
-            guard bound[made.index]?.live.remove(connection) != nil else { return nil }
-            bound[made.index]?.served[connection] = nil
+            guard bound[made.index]?.live.removeValue(forKey: connection) != nil else { return nil }
             return bound[made.index]
         }
         guard let b else { return }
@@ -203,7 +202,7 @@ public final class KernelNbdDevices: DeviceMaker, @unchecked Sendable {
     /// blksnapd started within it reclaims the device from the saved list.
     public func leave(_ made: MadeDevice) -> Bool {
         guard let b = lock.withLock({ bound.removeValue(forKey: made.index) }) else { return false }
-        server.end(connections: Array(b.served.values))
+        server.end(connections: b.live.values.compactMap { $0 })
         return true
     }
 
