@@ -70,17 +70,11 @@ public enum SplicePipe {
                 }
                 return false
             }
-            var inPipe = n
-            while inPipe > 0 {
-                let m = blksnap_splice(fds[0], nil, target, &to, inPipe)
-                if m < 0 && errno == EINTR { continue }
-                guard m > 0 else {
-                    let e = m < 0 ? errno : EIO
-                    dropCurrent(fds)
-                    if e == EINVAL { return false }
-                    throw BlksnapError(Errno(rawValue: e), "splice to descriptor \(target) failed")
-                }
-                inPipe -= m
+            let e = spliceAll(from: fds[0], nil, to: target, &to, count: n)
+            guard e == 0 else {
+                dropCurrent(fds)
+                if e == EINVAL { return false }
+                throw BlksnapError(Errno(rawValue: e), "splice to descriptor \(target) failed")
             }
             left -= n
         }
@@ -120,15 +114,9 @@ public enum SplicePipe {
             }
         }
         var from = Int64(offset)
-        var left = count
-        while left > 0 {
-            let n = blksnap_splice(source, &from, fds[1], nil, left)
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else {
-                dropCurrent(fds)
-                return nil
-            }
-            left -= n
+        guard spliceAll(from: source, &from, to: fds[1], nil, count: count) == 0 else {
+            dropCurrent(fds)
+            return nil
         }
         return inPipe + count
     }
@@ -139,17 +127,26 @@ public enum SplicePipe {
     /// has no MSG_NOSIGNAL); the pipe is then dropped with what was left.
     public static func drain(_ count: Int, to target: Int32) -> Bool {
         guard let fds = current() else { return false }
-        var left = count
-        while left > 0 {
-            let n = blksnap_splice(fds[0], nil, target, nil, left)
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else {
-                dropCurrent(fds)
-                return false
-            }
-            left -= n
+        guard spliceAll(from: fds[0], nil, to: target, nil, count: count) == 0 else {
+            dropCurrent(fds)
+            return false
         }
         return true
+    }
+
+    /// Splices all `count` bytes, the offsets given advancing; 0, or the
+    /// errno of the call that failed (EIO where one moved nothing: the
+    /// source ended early).
+    private static func spliceAll(from source: Int32, _ sourceOffset: UnsafeMutablePointer<Int64>?, to target: Int32,
+                                  _ targetOffset: UnsafeMutablePointer<Int64>?, count: Int) -> Int32 {
+        var left = count
+        while left > 0 {
+            let n = blksnap_splice(source, sourceOffset, target, targetOffset, left)
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { return n < 0 ? errno : EIO }
+            left -= n
+        }
+        return 0
     }
 
     /// Empties the calling thread's pipe of what `load` put there, when it
