@@ -1,6 +1,7 @@
 import BlksnapEngine
 import CFuse3
 import Logging
+import Synchronization
 import SystemPackage
 #if canImport(Glibc)
 import Glibc
@@ -29,34 +30,34 @@ public final class DeviceFilesystem: @unchecked Sendable {
     }
 
     /// The requests of one file that reach its device: counted while they
-    /// run, and from `hold` on left unanswered.
-    final class RequestGate: @unchecked Sendable {
+    /// run, and from `hold` on left unanswered. Every request passes here,
+    /// so it takes no lock until a hold: a request counts itself, then
+    /// looks for a hold; a hold marks itself, then looks for requests; so
+    /// either the request sees the hold or the hold sees the request.
+    final class RequestGate: Sendable {
+        private let running = Atomic<Int>(0)
+        private let held = Atomic<Bool>(false)
         private let lock = Lock()
         private let idle = Condition()
-        private var running = 0
-        private var held = false
 
         /// False once held: the request must stay unanswered.
         func enter() -> Bool {
-            lock.withLock {
-                guard !held else { return false }
-                running += 1
-                return true
-            }
+            running.add(1, ordering: .sequentiallyConsistent)
+            guard held.load(ordering: .sequentiallyConsistent) else { return true }
+            leave()
+            return false
         }
 
         func leave() {
-            lock.withLock {
-                running -= 1
-                if running == 0 { idle.broadcast() }
-            }
+            let left = running.subtract(1, ordering: .sequentiallyConsistent).newValue
+            if left == 0 && held.load(ordering: .sequentiallyConsistent) { lock.withLock { idle.broadcast() } }
         }
 
         /// Returns once the requests already running are answered.
         func hold() {
             lock.withLock {
-                held = true
-                while running > 0 { idle.wait(lock) }
+                held.store(true, ordering: .sequentiallyConsistent)
+                while running.load(ordering: .sequentiallyConsistent) > 0 { idle.wait(lock) }
             }
         }
     }
